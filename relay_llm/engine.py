@@ -1,0 +1,401 @@
+"""The engine: render -> plan (prefix hit, reused spans) -> prefill by schedule -> decode -> store.
+
+One worker thread owns the model; `chat`, `complete`, `stream` and `teacher_force` may be called
+from any thread and queue on it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from . import loading
+from .executor import Executor, KVBuffers
+from .rope import rotate
+from .schedules import PrefillPlan, Schedule, get_schedule
+from .stats import RequestStats
+from .store import PrefixCache, Segment, SegmentStore
+from .templates import ensure_template, stop_token_ids, validate_messages
+
+
+@dataclass
+class EngineConfig:
+    """Engine-wide settings. Byte budgets are in bytes."""
+
+    default_schedule: str = "naive"
+    store_budget_bytes: int = 2 << 30
+    prefix_budget_bytes: int = 1 << 30
+    min_match_tokens: int = 16
+    capture_layer: int = 0  # residual-stream input captured per generated token
+    max_context: int | None = None  # default: the model's max_position_embeddings
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    schedule: str | Schedule | None = None
+
+    def check(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    token_ids: list[int]
+    stats: RequestStats
+
+
+@dataclass
+class Chunk:
+    """One streamed item: a text delta; the last one carries finish_reason and stats."""
+
+    text: str
+    finish_reason: str | None = None
+    stats: RequestStats | None = None
+    token_ids: list[int] | None = None  # last chunk only: every generated id
+
+
+class _Done:
+    pass
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Worker:
+    """A single thread that runs jobs in submission order."""
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="relay-llm-worker", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, out, cancel = job
+            try:
+                if not cancel.is_set():
+                    fn(out.put, cancel)
+                out.put(_Done())
+            except BaseException as exc:  # handed to the caller's thread
+                out.put(_Failed(exc))
+
+    def submit(self, fn: Callable) -> tuple[queue.Queue, threading.Event]:
+        out: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        self._jobs.put((fn, out, cancel))
+        return out, cancel
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+class RelayEngine:
+    """A local causal LM that keeps and reuses the K/V of text it generated."""
+
+    def __init__(self, model, tokenizer, fingerprint: loading.Fingerprint, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.config = config or EngineConfig()
+        self.executor = Executor(model)
+        ensure_template(tokenizer, model.config.model_type)
+        self.eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        self.max_context = self.config.max_context or model.config.max_position_embeddings
+        self.store = SegmentStore(self.config.store_budget_bytes, self.config.min_match_tokens)
+        self.prefix_cache = PrefixCache(self.config.prefix_budget_bytes)
+        self._tok_lock = threading.Lock()
+        self._worker = _Worker()
+        get_schedule(self.config.default_schedule)
+
+    @classmethod
+    def load(cls, model: str = "default", dtype: str = "auto", device: str = "auto",
+             config: EngineConfig | None = None) -> RelayEngine:
+        """Load "default" (packaged gemma-3-270m), a local HF folder or a .gguf file."""
+        return cls(*loading.load(model, dtype=dtype, device=device), config=config)
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.model.config, "_name_or_path", "") or self.fingerprint.architecture
+
+    def close(self) -> None:
+        self._worker.close()
+
+    # ---- rendering -----------------------------------------------------------------------------
+
+    def render(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` under the chat template, ending with the generation prompt."""
+        msgs = validate_messages(messages)
+        with self._tok_lock:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a raw prompt (with the tokenizer's BOS, if any); a list of ids passes through."""
+        if isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
+            vocab = self.executor.config.vocab_size
+            if any(not 0 <= i < vocab for i in prompt):
+                raise ValueError(f"token ids must be in [0, {vocab})")
+            return list(prompt)
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+        with self._tok_lock:
+            return self.tokenizer(prompt)["input_ids"]
+
+    def _ids(self, request: list[dict] | str | list[int]) -> list[int]:
+        """Prompt ids of a chat (list of message dicts), a raw string, or a list of token ids."""
+        if isinstance(request, list) and request and isinstance(request[0], dict):
+            return self.render(request)
+        if isinstance(request, list) and not request:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        return self.encode(request)
+
+    def count_tokens(self, text: str) -> int:
+        with self._tok_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def chat(self, messages: list[dict], **opts) -> Result:
+        """Generate a reply to chat `messages` ({"role", "content"} dicts) under the chat template."""
+        return self._collect(self.stream(validate_messages(messages), **opts))
+
+    def complete(self, prompt: str | list[int], **opts) -> Result:
+        """Continue a raw prompt (no template): a string or prompt token ids."""
+        return self._collect(self.stream(prompt, **opts))
+
+    def stream(self, request: list[dict] | str | list[int], **opts) -> Iterator[Chunk]:
+        """Yield `Chunk` text deltas; the last chunk has `finish_reason`, `stats` and `token_ids`.
+
+        request: chat messages (rendered by the chat template), a raw prompt string, or prompt token ids.
+        Closing the iterator early cancels the generation at the next token, and nothing is stored.
+        """
+        options = GenerationOptions(**opts)
+        if isinstance(options.stop, str):
+            options.stop = [options.stop]
+        options.check()
+        schedule = get_schedule(options.schedule or self.config.default_schedule)
+        ids = self._ids(request)
+        self._check_length(len(ids), options.max_new_tokens)
+        out, cancel = self._worker.submit(lambda emit, c: self._generate(ids, options, schedule, emit, c))
+        return self._drain(out, cancel)
+
+    def teacher_force(self, request: list[dict] | str | list[int], continuation_ids: list[int],
+                      schedule: str | Schedule = "full") -> torch.Tensor:
+        """Log-probabilities [steps, vocab] (fp32) of each continuation step, prefilled by `schedule`.
+
+        Row i is the distribution of the token after prompt + continuation_ids[:i]. Stores nothing.
+        """
+        sched = get_schedule(schedule)
+        ids = self._ids(request)
+        cont = list(continuation_ids)
+        if not cont:
+            raise ValueError("continuation_ids must not be empty")
+        self._check_length(len(ids), len(cont))
+        out, cancel = self._worker.submit(lambda emit, c: emit(self._teacher_force(ids, cont, sched)))
+        (logprobs,) = [item for item in self._drain(out, cancel)]
+        return logprobs
+
+    # ---- worker side ---------------------------------------------------------------------------
+
+    def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
+        if prompt_tokens + new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new_tokens}) exceeds the model's "
+                f"context of {self.max_context} tokens"
+            )
+
+    @staticmethod
+    def _drain(out: queue.Queue, cancel: threading.Event) -> Iterator:
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, _Done):
+                    return
+                if isinstance(item, _Failed):
+                    raise item.exc
+                yield item
+        finally:
+            cancel.set()
+
+    @staticmethod
+    def _collect(chunks: Iterator[Chunk]) -> Result:
+        parts, last = [], None
+        for c in chunks:
+            parts.append(c.text)
+            last = c
+        assert last is not None and last.stats is not None
+        return Result("".join(parts), last.finish_reason, last.token_ids or [], last.stats)
+
+    def _prefill(self, ids: list[int], capacity: int, schedule: Schedule,
+                 stats: RequestStats) -> tuple[torch.Tensor, KVBuffers, PrefillPlan]:
+        """Plan reuse for `ids`, splice what the schedule reuses, run the prefill.
+
+        Returns (last-token logits [vocab], buffers holding slots [0, len(ids)), plan).
+        """
+        ex = self.executor
+        n = len(ids)
+        kv = ex.new_buffers(capacity)
+        plan = PrefillPlan(n_tokens=n, num_layers=ex.num_layers)
+        hit, pk, pv = self.prefix_cache.lookup(ids)
+        plan.prefix_hit = min(hit, n - 1)  # the last prompt token is always computed: we need its logits
+        if schedule.splice_prefix and plan.prefix_hit:
+            kv.write(0, pk[:, :, : plan.prefix_hit], pv[:, :, : plan.prefix_hit])
+        if all(spec.composable for spec in ex.rope):
+            plan.spans = self.store.find(ids, plan.prefix_hit, n - 1)
+        elif len(self.store):
+            stats.fallback = f"RoPE type {ex.rope[0].rope_type!r} cannot be rotated; spans recomputed"
+        fp = self.fingerprint.key()
+        plan.spans = [m for m in plan.spans if self.store.get(m.segment_id).fingerprint == fp]
+        if schedule.splice_spans:
+            for m in plan.spans:
+                seg = self.store.get(m.segment_id)
+                keys = seg.keys[:, :, m.offset : m.offset + m.length]
+                delta = m.start - (seg.start_pos + m.offset)
+                if delta:
+                    keys = torch.stack([rotate(keys[i], delta, spec) for i, spec in enumerate(ex.rope)])
+                kv.write(m.start, keys, seg.values[:, :, m.offset : m.offset + m.length])
+        ids_t = torch.tensor(ids, dtype=torch.long, device=ex.device)
+        res = ex.run(ids_t, 0, kv, schedule.layer_plan(plan, ex.device))
+        reusable = plan.reusable_mask().to(ex.device)
+        layers = res.token_layers[reusable]
+        stats.prompt_tokens = n
+        stats.prefix_hit_tokens = plan.prefix_hit
+        stats.spans = len(plan.spans)
+        stats.span_tokens = sum(m.length for m in plan.spans)
+        for m in plan.spans:
+            kind = self.store.get(m.segment_id).kind
+            stats.span_kinds[kind] = stats.span_kinds.get(kind, 0) + m.length
+        stats.reusable_cells = int(layers.numel()) * ex.num_layers
+        stats.recomputed_cells = int(layers.sum())
+        stats.reused_tokens = int((layers < ex.num_layers).sum())
+        stats.reuse_rate = 1 - stats.recomputed_cells / stats.reusable_cells if stats.reusable_cells else 0.0
+        return res.logits[0], kv, plan
+
+    def _generate(self, ids: list[int], opts: GenerationOptions, schedule: Schedule,
+                  emit: Callable, cancel: threading.Event) -> None:
+        ex = self.executor
+        t0 = time.perf_counter()
+        stats = RequestStats(schedule=schedule.name)
+        n = len(ids)
+        logits, kv, plan = self._prefill(ids, n + opts.max_new_tokens, schedule, stats)
+        stats.prefill_s = time.perf_counter() - t0
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+        generated: list[int] = []
+        hidden: list[torch.Tensor] = []
+        emitted = 0
+        hold = max((len(s) for s in opts.stop), default=1) - 1
+        finish = "length"
+        while True:
+            tok = _sample(logits, opts, gen)
+            if not generated:
+                stats.ttft_s = time.perf_counter() - t0
+            generated.append(tok)
+            if tok in self.eos_ids:
+                finish = "stop"
+                break
+            text = self._decode(generated)
+            cut = min((i for i in (text.find(s) for s in opts.stop if s) if i >= 0), default=-1)
+            if cut >= 0:
+                emit(Chunk(text[emitted:cut]))
+                finish = "stop"
+                break
+            safe = len(text) - hold
+            while safe > emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                safe -= 1
+            if safe > emitted:
+                emit(Chunk(text[emitted:safe]))
+                emitted = safe
+            if len(generated) == opts.max_new_tokens:
+                emit(Chunk(text[emitted:]))
+                break
+            if cancel.is_set():
+                return  # the consumer went away: store nothing
+            step = ex.run(torch.tensor([tok], device=ex.device), n + len(generated) - 1, kv,
+                          capture_layer=self.config.capture_layer)
+            hidden.append(step.captured)
+            logits = step.logits[0]
+        # Feed the last token once more, layers only, so every generated token has its K/V.
+        last = ex.run(torch.tensor([generated[-1]], device=ex.device), n + len(generated) - 1, kv,
+                      logit_rows=torch.empty(0, dtype=torch.long), capture_layer=self.config.capture_layer)
+        hidden.append(last.captured)
+        stats.completion_tokens = len(generated)
+        stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
+        if cancel.is_set():
+            return
+        self._remember(ids, generated, kv, torch.cat(hidden), plan if schedule.splice_spans else None)
+        emit(Chunk("", finish_reason=finish, stats=stats, token_ids=generated))
+
+    def _remember(self, ids: list[int], generated: list[int], kv: KVBuffers, hidden: torch.Tensor,
+                  plan: PrefillPlan | None) -> None:
+        """Store the output as a Segment, and the exact part of the sequence in the prefix cache.
+
+        plan: the prefill's plan if stored spans were spliced into it (their K/V are approximate).
+        """
+        n = len(ids)
+        body = generated[:-1] if generated[-1] in self.eos_ids else generated
+        if body:
+            keys, values = kv.slice(n, n + len(body))
+            self.store.add(Segment(
+                token_ids=torch.tensor(body, dtype=torch.long), keys=keys, values=values, start_pos=n,
+                fingerprint=self.fingerprint.key(), kind="decode", hidden=hidden[: len(body)].clone(),
+                hidden_layer=self.config.capture_layer,
+            ))
+        # K/V are exact (equal to a full prefill) only up to the first spliced span.
+        exact = plan.spans[0].start if plan and plan.spans else n + len(generated)
+        self.prefix_cache.add((ids + generated)[:exact], *kv.slice(0, exact))
+
+    def _teacher_force(self, ids: list[int], cont: list[int], schedule: Schedule) -> torch.Tensor:
+        ex = self.executor
+        n = len(ids)
+        first, kv, _ = self._prefill(ids, n + len(cont), schedule, RequestStats(schedule=schedule.name))
+        rows = [first[None]]
+        if len(cont) > 1:
+            rest = torch.tensor(cont[:-1], dtype=torch.long, device=ex.device)
+            rows.append(ex.run(rest, n, kv, logit_rows=torch.arange(len(cont) - 1)).logits)
+        return torch.log_softmax(torch.cat(rows).float(), dim=-1).cpu()
+
+
+def _sample(logits: torch.Tensor, opts: GenerationOptions, gen: torch.Generator) -> int:
+    """One token id from [vocab] logits: greedy at temperature 0, else top-k / top-p sampling."""
+    if opts.temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = logits.float().cpu() / opts.temperature
+    if opts.top_k:
+        kth = torch.topk(scores, min(opts.top_k, scores.numel())).values[-1]
+        scores[scores < kth] = float("-inf")
+    if opts.top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_scores, -1) >= opts.top_p  # keep the smallest set reaching top_p
+        scores[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=gen))

@@ -1,0 +1,218 @@
+"""One layer-wise forward over an HF decoder's own layers, with a per-layer active token set.
+
+Every prefill method (full, prefix, naive, and the rectifying schedules) and every decode step runs
+through `Executor.run`: only the active tokens of a layer are computed there; their fresh K/V are
+scattered into full per-layer buffers (`KVBuffers`) and they attend over all filled slots under an
+explicit mask (causal by position, plus the layer's sliding window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .rope import RopeSpec, layer_specs
+
+
+class KVBuffers:
+    """Per-layer K/V of one sequence, laid out by slot (slot i holds the token at position i).
+
+    keys, values: [num_layers, kv_heads, capacity, head_dim]. Slots [0, length) are filled.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy K/V [num_layers, kv_heads, n, head_dim] into slots [start, start + n)."""
+        n = keys.shape[2]
+        self.keys[:, :, start : start + n] = keys
+        self.values[:, :, start : start + n] = values
+
+    def slice(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of slots [start, end): two [num_layers, kv_heads, end - start, head_dim] tensors."""
+        return self.keys[:, :, start:end].clone(), self.values[:, :, start:end].clone()
+
+
+class _ScatterCache:
+    """What an HF attention layer sees as its cache: `update` scatters the active tokens' K/V."""
+
+    def __init__(self, kv: KVBuffers, slots: torch.Tensor, length: int):
+        self.kv, self.slots, self.length = kv, slots, length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # key_states: [1, kv_heads, n_active, head_dim]
+        self.kv.keys[layer_idx][:, self.slots] = key_states[0]
+        self.kv.values[layer_idx][:, self.slots] = value_states[0]
+        return (self.kv.keys[layer_idx, :, : self.length].unsqueeze(0),
+                self.kv.values[layer_idx, :, : self.length].unsqueeze(0))
+
+
+@dataclass
+class LayerState:
+    """What a schedule may look at between layers of one `Executor.run`.
+
+    hidden: [T, hidden_size] residual stream of the run's tokens, as of entering the current layer for
+    the tokens active there (stale for the others).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    kv: KVBuffers
+    positions: torch.Tensor  # [T] position of each run token (= its slot)
+
+
+class LayerPlan(Protocol):
+    """Per-layer active sets: what a schedule hands the executor."""
+
+    def active(self, state: LayerState) -> torch.Tensor:
+        """Sorted indices into the run's T tokens to compute at `state.layer`."""
+        ...
+
+    def after_layer(self, state: LayerState) -> None:
+        """Called after `state.layer` ran; K/V of active tokens are already in `state.kv`."""
+        ...
+
+
+class AllTokens:
+    """Every token at every layer: full prefill, and every decode step."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.idx = torch.arange(n, device=device)
+
+    def active(self, state: LayerState) -> torch.Tensor:
+        return self.idx
+
+    def after_layer(self, state: LayerState) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """logits: [len(logit_rows), vocab] fp32. captured: [T, hidden] input of the capture layer (or None).
+    token_layers: [T] int, at how many layers each token was computed."""
+
+    logits: torch.Tensor | None
+    captured: torch.Tensor | None
+    token_layers: torch.Tensor
+
+
+class Executor:
+    """Runs an HF Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 causal LM layer by layer."""
+
+    def __init__(self, model):
+        self.model = model
+        self.base = model.model
+        cfg = self.base.config
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.layers = list(self.base.layers[: self.num_layers])
+        self.layer_types = (getattr(cfg, "layer_types", None) or ["full_attention"] * self.num_layers)[
+            : self.num_layers
+        ]
+        self.windows = [self._window(layer) for layer in self.layers]
+        self.rope: list[RopeSpec] = layer_specs(model)
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._per_type_rope = not hasattr(self.base.rotary_emb, "inv_freq")
+
+    def _window(self, layer) -> int | None:
+        attn = layer.self_attn
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window
+        return getattr(self.config, "sliding_window", None)  # Mistral: every layer slides
+
+    def new_buffers(self, capacity: int) -> KVBuffers:
+        return KVBuffers(self.num_layers, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Additive mask [1, 1, n_q, n_k]: 0 where a query may attend a key, dtype-min elsewhere."""
+        diff = q_pos[:, None] - k_pos[None, :]
+        allowed = diff >= 0
+        if window is not None:
+            allowed &= diff < window
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        neg = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, neg)[None, None]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ Gemma's softcap) on [n, hidden] -> [n, vocab] fp32."""
+        out = self.model.lm_head(self.base.norm(hidden[None]))[0].float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    @torch.inference_mode()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        start: int,
+        kv: KVBuffers,
+        plan: LayerPlan | None = None,
+        logit_rows: torch.Tensor | None = None,
+        capture_layer: int | None = None,
+        inject: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> RunResult:
+        """Compute tokens `input_ids` ([T]) that occupy slots/positions [start, start + T).
+
+        K/V of slots [0, start) and of any token inactive at a layer must already be in `kv`.
+        plan: per-layer active sets (default: all tokens). logit_rows: indices of the run tokens whose
+        logits to return (default: the last). capture_layer: return the residual-stream input of that
+        layer for all T tokens. inject: {layer: (indices, states [n, hidden])} hidden states to place
+        in the residual stream on entering that layer (e.g. stored upstream states).
+        """
+        t = input_ids.shape[0]
+        end = start + t
+        if end > kv.capacity:
+            raise ValueError(f"sequence of {end} tokens exceeds the buffer capacity {kv.capacity}")
+        plan = plan or AllTokens(t, self.device)
+        positions = torch.arange(start, end, device=self.device)
+        hidden = self.base.embed_tokens(input_ids[None].to(self.device))[0]
+        all_pos = torch.arange(end, device=self.device)
+        kv.length = max(kv.length, end)
+        rope_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer_type in set(self.layer_types):
+            args = (hidden[None], positions[None]) + ((layer_type,) if self._per_type_rope else ())
+            rope_cache[layer_type] = self.base.rotary_emb(*args)
+        captured = None
+        token_layers = torch.zeros(t, dtype=torch.long, device=self.device)
+        for i, layer in enumerate(self.layers):
+            if inject and i in inject:
+                idx, states = inject[i]
+                hidden[idx] = states.to(hidden.dtype)
+            if capture_layer == i:
+                captured = hidden.clone()
+            state = LayerState(i, hidden, kv, positions)
+            act = plan.active(state)
+            token_layers[act] += 1
+            if act.numel():
+                cos, sin = rope_cache[self.layer_types[i]]
+                mask = self._mask(positions[act], all_pos, self.windows[i])
+                out = layer(
+                    hidden[act][None],
+                    attention_mask=mask,
+                    position_embeddings=(cos[:, act], sin[:, act]),
+                    position_ids=positions[act][None],
+                    cache=_ScatterCache(kv, positions[act], end),
+                )
+                hidden[act] = out[0] if not isinstance(out, tuple) else out[0][0]
+            plan.after_layer(state)
+        rows = logit_rows if logit_rows is not None else torch.tensor([t - 1], device=self.device)
+        logits = self.logits(hidden[rows]) if rows.numel() else None
+        return RunResult(logits=logits, captured=captured, token_layers=token_layers)

@@ -112,6 +112,7 @@ class _Worker:
 
     def close(self) -> None:
         self._jobs.put(None)
+        self._thread.join(timeout=60)
 
 
 class RelayEngine:

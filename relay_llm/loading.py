@@ -100,7 +100,9 @@ def load(model: str = "default", dtype: str = "auto", device: str = "auto"):
     dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16" or "float16".
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     torch_dtype = _resolve_dtype(dtype, dev)
     if model == "default":

@@ -400,3 +400,20 @@ def _sample(logits: torch.Tensor, opts: GenerationOptions, gen: torch.Generator)
         drop = cum - torch.softmax(sorted_scores, -1) >= opts.top_p  # keep the smallest set reaching top_p
         scores[order[drop]] = float("-inf")
     return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=gen))
+
+
+_SHARED: dict[tuple[str, str, str], RelayEngine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(model: str = "default", dtype: str = "auto", device: str = "auto") -> RelayEngine:
+    """The process-wide engine for (model, dtype, device), loaded on first use.
+
+    Every face (LangChain, LlamaIndex, the server) gets its engine here, so instances naming the same
+    model share one model, one worker and one segment store, and reuse each other's outputs.
+    """
+    key = (model, dtype, device)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = RelayEngine.load(model, dtype=dtype, device=device)
+        return _SHARED[key]

@@ -1,0 +1,1 @@
+"""LangChain face: ChatRelayLLM (see issue 6)."""

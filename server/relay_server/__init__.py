@@ -1,0 +1,1 @@
+"""OpenAI-compatible server (see issue 8)."""

@@ -16,8 +16,10 @@ import torch
 
 from . import loading
 from .executor import Executor, KVBuffers
+from .profiler import Profile, find_profile
 from .rope import rotate
 from .schedules import PrefillPlan, Schedule, get_schedule
+from .selector import SelectorConfig
 from .stats import RequestStats
 from .store import PrefixCache, Segment, SegmentStore
 from .templates import ensure_template, stop_token_ids, validate_messages
@@ -25,13 +27,19 @@ from .templates import ensure_template, stop_token_ids, validate_messages
 
 @dataclass
 class EngineConfig:
-    """Engine-wide settings. Byte budgets are in bytes."""
+    """Engine-wide settings. Byte budgets are in bytes.
 
-    default_schedule: str = "naive"
+    default_schedule: None = "relay" when the model has a profile, else "naive".
+    capture_layer: residual-stream input stored per generated token; None = the profile's start_layer
+    (0 without a profile). relay: SelectorConfig overrides on top of the profile's selector settings.
+    """
+
+    default_schedule: str | None = None
     store_budget_bytes: int = 2 << 30
     prefix_budget_bytes: int = 1 << 30
     min_match_tokens: int = 16
-    capture_layer: int = 0  # residual-stream input captured per generated token
+    capture_layer: int | None = None
+    relay: dict = field(default_factory=dict)
     max_context: int | None = None  # default: the model's max_position_embeddings
 
 
@@ -44,6 +52,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     schedule: str | Schedule | None = None
+    relay: dict | None = None  # per-call schedule settings (relay: selector fields and band layers)
 
     def check(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -130,8 +139,35 @@ class RelayEngine:
         self.store = SegmentStore(self.config.store_budget_bytes, self.config.min_match_tokens)
         self.prefix_cache = PrefixCache(self.config.prefix_budget_bytes)
         self._tok_lock = threading.Lock()
+        self.set_profile(find_profile(fingerprint))
         self._worker = _Worker()
-        get_schedule(self.config.default_schedule)
+
+    def set_profile(self, profile: Profile | None) -> None:
+        """Use `profile` (or none) for the relay band, the default schedule and the capture layer."""
+        if profile is not None and profile.num_layers != self.executor.num_layers:
+            raise ValueError(f"profile has {profile.num_layers} layers, the model {self.executor.num_layers}")
+        self.profile = profile
+        cfg = self.config
+        self.default_schedule = cfg.default_schedule or ("relay" if profile else "naive")
+        self.capture_layer = cfg.capture_layer if cfg.capture_layer is not None else (
+            profile.start_layer if profile else 0)
+        self.selector = SelectorConfig(**(profile.selector if profile else {})).updated(cfg.relay)
+        self._make_schedule(self.default_schedule, None)
+
+    def _make_schedule(self, name: str | Schedule, settings: dict | None) -> Schedule:
+        """A schedule for one call; relay takes its band from the profile unless `settings` names one."""
+        settings = dict(settings or {})
+        band = self.profile.band if self.profile else None
+        if name == "relay":
+            keys = ("start_layer", "det_layer", "end_layer")
+            if any(k in settings for k in keys):
+                if band is None and not all(k in settings for k in keys):
+                    raise ValueError("without a profile, relay settings must give start_layer, det_layer, end_layer")
+                band = tuple(settings.pop(k, band[i] if band else None) for i, k in enumerate(keys))
+            if band is None:
+                raise ValueError(f"no profile for this model ({self.fingerprint.key()}): run `relay-llm profile "
+                                 "--model ...` or pass start_layer/det_layer/end_layer in the relay settings")
+        return get_schedule(name, settings, band=band, selector=self.selector)
 
     @classmethod
     def load(cls, model: str = "default", dtype: str = "auto", device: str = "auto",
@@ -155,8 +191,9 @@ class RelayEngine:
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a raw prompt (with the tokenizer's BOS, if any); a list of ids passes through."""
+    def encode(self, prompt: str | list[int], special_tokens: bool = True) -> list[int]:
+        """Token ids of a raw prompt (with the tokenizer's BOS, if any, unless `special_tokens` is False);
+        a list of ids passes through."""
         if isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
             vocab = self.executor.config.vocab_size
             if any(not 0 <= i < vocab for i in prompt):
@@ -165,7 +202,7 @@ class RelayEngine:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
         with self._tok_lock:
-            return self.tokenizer(prompt)["input_ids"]
+            return self.tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"]
 
     def _ids(self, request: list[dict] | str | list[int]) -> list[int]:
         """Prompt ids of a chat (list of message dicts), a raw string, or a list of token ids."""
@@ -203,19 +240,19 @@ class RelayEngine:
         if isinstance(options.stop, str):
             options.stop = [options.stop]
         options.check()
-        schedule = get_schedule(options.schedule or self.config.default_schedule)
+        schedule = self._make_schedule(options.schedule or self.default_schedule, options.relay)
         ids = self._ids(request)
         self._check_length(len(ids), options.max_new_tokens)
         out, cancel = self._worker.submit(lambda emit, c: self._generate(ids, options, schedule, emit, c))
         return self._drain(out, cancel)
 
     def teacher_force(self, request: list[dict] | str | list[int], continuation_ids: list[int],
-                      schedule: str | Schedule = "full") -> torch.Tensor:
+                      schedule: str | Schedule = "full", relay: dict | None = None) -> torch.Tensor:
         """Log-probabilities [steps, vocab] (fp32) of each continuation step, prefilled by `schedule`.
 
         Row i is the distribution of the token after prompt + continuation_ids[:i]. Stores nothing.
         """
-        sched = get_schedule(schedule)
+        sched = self._make_schedule(schedule, relay)
         ids = self._ids(request)
         cont = list(continuation_ids)
         if not cont:
@@ -275,7 +312,11 @@ class RelayEngine:
         elif len(self.store):
             stats.fallback = f"RoPE type {ex.rope[0].rope_type!r} cannot be rotated; spans recomputed"
         fp = self.fingerprint.key()
-        plan.spans = [m for m in plan.spans if self.store.get(m.segment_id).fingerprint == fp]
+        found = [m for m in plan.spans if self.store.get(m.segment_id).fingerprint == fp]
+        plan.spans = [m for m in found if schedule.keep_span(m)]
+        notes = [f"{len(found) - len(plan.spans)} span(s) too short to reuse: computed"] if len(found) > len(
+            plan.spans) else []
+        plan.span_hidden = [self._span_hidden(m) for m in plan.spans]
         if schedule.splice_spans:
             for m in plan.spans:
                 seg = self.store.get(m.segment_id)
@@ -285,7 +326,11 @@ class RelayEngine:
                     keys = torch.stack([rotate(keys[i], delta, spec) for i, spec in enumerate(ex.rope)])
                 kv.write(m.start, keys, seg.values[:, :, m.offset : m.offset + m.length])
         ids_t = torch.tensor(ids, dtype=torch.long, device=ex.device)
-        res = ex.run(ids_t, 0, kv, schedule.layer_plan(plan, ex.device))
+        layer_plan = schedule.layer_plan(plan, ex)
+        res = ex.run(ids_t, 0, kv, layer_plan)
+        notes += getattr(layer_plan, "notes", [])
+        if notes:
+            stats.fallback = "; ".join(([stats.fallback] if stats.fallback else []) + notes)
         reusable = plan.reusable_mask().to(ex.device)
         layers = res.token_layers[reusable]
         stats.prompt_tokens = n
@@ -300,6 +345,12 @@ class RelayEngine:
         stats.reused_tokens = int((layers < ex.num_layers).sum())
         stats.reuse_rate = 1 - stats.recomputed_cells / stats.reusable_cells if stats.reusable_cells else 0.0
         return res.logits[0], kv, plan
+
+    def _span_hidden(self, m) -> tuple[int, torch.Tensor] | None:
+        seg = self.store.get(m.segment_id)
+        if seg.hidden is None:
+            return None
+        return seg.hidden_layer, seg.hidden[m.offset : m.offset + m.length]
 
     def _generate(self, ids: list[int], opts: GenerationOptions, schedule: Schedule,
                   emit: Callable, cancel: threading.Event) -> None:
@@ -342,12 +393,12 @@ class RelayEngine:
             if cancel.is_set():
                 return  # the consumer went away: store nothing
             step = ex.run(torch.tensor([tok], device=ex.device), n + len(generated) - 1, kv,
-                          capture_layer=self.config.capture_layer)
+                          capture_layer=self.capture_layer)
             hidden.append(step.captured)
             logits = step.logits[0]
         # Feed the last token once more, layers only, so every generated token has its K/V.
         last = ex.run(torch.tensor([generated[-1]], device=ex.device), n + len(generated) - 1, kv,
-                      logit_rows=torch.empty(0, dtype=torch.long), capture_layer=self.config.capture_layer)
+                      logit_rows=torch.empty(0, dtype=torch.long), capture_layer=self.capture_layer)
         hidden.append(last.captured)
         stats.completion_tokens = len(generated)
         stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
@@ -369,7 +420,7 @@ class RelayEngine:
             self.store.add(Segment(
                 token_ids=torch.tensor(body, dtype=torch.long), keys=keys, values=values, start_pos=n,
                 fingerprint=self.fingerprint.key(), kind="decode", hidden=hidden[: len(body)].clone(),
-                hidden_layer=self.config.capture_layer,
+                hidden_layer=self.capture_layer,
             ))
         # K/V are exact (equal to a full prefill) only up to the first spliced span.
         exact = plan.spans[0].start if plan and plan.spans else n + len(generated)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from .rope import RopeSpec, layer_specs
+from .rope import RopeSpec, layer_specs, rotate
 
 
 class KVBuffers:
@@ -159,6 +159,32 @@ class Executor:
         return out
 
     @torch.inference_mode()
+    def attention_probs(self, layer_idx: int, hidden: torch.Tensor, q_pos: torch.Tensor, kv: KVBuffers,
+                        length: int) -> torch.Tensor:
+        """Attention probabilities of queries at one layer over slots [0, length), mean over heads.
+
+        hidden: [n, hidden_size] residual-stream input of the layer for the query tokens at positions
+        q_pos [n]; the layer's keys must already be in `kv`. Returns [n, length] fp32. Computed by hand
+        (q-projection, q-norm, RoPE, q.k) so the fast attention kernel stays in use everywhere else.
+        """
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        n = hidden.shape[0]
+        q = attn.q_proj(layer.input_layernorm(hidden[None]))[0].view(n, -1, self.head_dim).transpose(0, 1)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = rotate(q, q_pos, self.rope[layer_idx]).float()  # RoPE at q_pos = rotation from position 0
+        k = kv.keys[layer_idx, :, :length].float()  # [kv_heads, length, head_dim]
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        scores = (q @ k.transpose(1, 2)) * attn.scaling  # [heads, n, length]
+        softcap = getattr(self.config, "attn_logit_softcapping", None)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        mask = self._mask(q_pos, torch.arange(length, device=self.device), self.windows[layer_idx])
+        scores = scores + mask[0].float()
+        return torch.softmax(scores, dim=-1).mean(0)
+
+    @torch.inference_mode()
     def run(
         self,
         input_ids: torch.Tensor,
@@ -167,15 +193,14 @@ class Executor:
         plan: LayerPlan | None = None,
         logit_rows: torch.Tensor | None = None,
         capture_layer: int | None = None,
-        inject: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> RunResult:
         """Compute tokens `input_ids` ([T]) that occupy slots/positions [start, start + T).
 
         K/V of slots [0, start) and of any token inactive at a layer must already be in `kv`.
         plan: per-layer active sets (default: all tokens). logit_rows: indices of the run tokens whose
         logits to return (default: the last). capture_layer: return the residual-stream input of that
-        layer for all T tokens. inject: {layer: (indices, states [n, hidden])} hidden states to place
-        in the residual stream on entering that layer (e.g. stored upstream states).
+        layer for all T tokens. A plan may write `state.hidden` rows in `active` (e.g. stored upstream
+        states for tokens that enter at that layer).
         """
         t = input_ids.shape[0]
         end = start + t
@@ -193,9 +218,6 @@ class Executor:
         captured = None
         token_layers = torch.zeros(t, dtype=torch.long, device=self.device)
         for i, layer in enumerate(self.layers):
-            if inject and i in inject:
-                idx, states = inject[i]
-                hidden[idx] = states.to(hidden.dtype)
             if capture_layer == i:
                 captured = hidden.clone()
             state = LayerState(i, hidden, kv, positions)

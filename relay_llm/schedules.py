@@ -5,9 +5,13 @@ A `PrefillPlan` says what the engine found for a prompt: an exact-prefix hit and
 plan into a `LayerPlan` for the executor. Tokens outside the prefix hit and the spans ("new tokens")
 are computed at every layer by every schedule.
 
-full    every token at every layer (nothing reused)
-prefix  the exact-prefix hit is not computed; spans are computed (lossless)
-naive   prefix hit and spans are not computed (rotate + splice, no repair)
+full        every token at every layer (nothing reused)
+prefix      the exact-prefix hit is not computed; spans are computed (lossless)
+naive       prefix hit and spans are not computed (rotate + splice, no repair)
+relay       RelayCaching: span tokens enter at start_layer (stored upstream hidden states), are all
+            recomputed through det_layer, then only the selected ones through end_layer
+cacheblend  span tokens through layers 0..check_layer, then the top `ratio` by K/V deviation
+epic        the first k tokens of each span at every layer
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .executor import AllTokens, LayerPlan, LayerState
+from .executor import AllTokens, Executor, LayerPlan, LayerState
+from .selector import SelectorConfig, select, value_deviation
 from .store import Match
 
 
@@ -25,13 +30,15 @@ class PrefillPlan:
     """What can be reused in a prompt of `n_tokens` tokens, all indices into the prompt.
 
     prefix_hit: tokens [0, prefix_hit) have exact-prefix K/V. spans: stored stretches whose K/V
-    (rotated) are in the buffers. num_layers: of the model.
+    (rotated) are in the buffers. span_hidden: per span, (layer, [length, hidden_size] residual-stream
+    input of that layer from the upstream decode) or None. num_layers: of the model.
     """
 
     n_tokens: int
     num_layers: int
     prefix_hit: int = 0
     spans: list[Match] = field(default_factory=list)
+    span_hidden: list[tuple[int, torch.Tensor] | None] = field(default_factory=list)
 
     def span_mask(self) -> torch.Tensor:
         """[n_tokens] bool: token lies in a reused span."""
@@ -59,12 +66,18 @@ class Schedule:
     splice_prefix = True
     splice_spans = True
 
-    def layer_plan(self, plan: PrefillPlan, device: torch.device) -> LayerPlan:
+    def keep_span(self, match: Match) -> bool:
+        """Whether a found span is worth reusing under this schedule (else its tokens are new)."""
+        return True
+
+    def layer_plan(self, plan: PrefillPlan, ex: Executor) -> LayerPlan:
         raise NotImplementedError
 
 
 class StaticPlan:
     """The same active token set at every layer."""
+
+    notes: list[str] = []
 
     def __init__(self, idx: torch.Tensor):
         self.idx = idx
@@ -81,31 +94,221 @@ class Full(Schedule):
     splice_prefix = False
     splice_spans = False
 
-    def layer_plan(self, plan, device):
-        return AllTokens(plan.n_tokens, device)
+    def layer_plan(self, plan, ex):
+        return AllTokens(plan.n_tokens, ex.device)
 
 
 class Prefix(Schedule):
     name = "prefix"
     splice_spans = False
 
-    def layer_plan(self, plan, device):
-        return StaticPlan(torch.arange(plan.prefix_hit, plan.n_tokens, device=device))
+    def layer_plan(self, plan, ex):
+        return StaticPlan(torch.arange(plan.prefix_hit, plan.n_tokens, device=ex.device))
 
 
 class Naive(Schedule):
     name = "naive"
 
-    def layer_plan(self, plan, device):
-        return StaticPlan((~plan.reusable_mask()).nonzero().flatten().to(device))
+    def layer_plan(self, plan, ex):
+        return StaticPlan(_new_tokens(plan, ex))
 
 
-SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (Full, Prefix, Naive)}
+def _new_tokens(plan: PrefillPlan, ex: Executor) -> torch.Tensor:
+    """Indices of the tokens computed at every layer by every schedule: neither prefix hit nor span."""
+    return (~plan.reusable_mask()).nonzero().flatten().to(ex.device)
 
 
-def get_schedule(name: str | Schedule) -> Schedule:
+class _SpanPlan:
+    """Active sets = new tokens at every layer + per-layer span tokens (`span_active`)."""
+
+    def __init__(self, plan: PrefillPlan, ex: Executor):
+        self.plan, self.ex = plan, ex
+        self.new = _new_tokens(plan, ex)
+        self.span_idx = plan.span_mask().nonzero().flatten().to(ex.device)  # [S] sorted prompt indices
+        self.notes: list[str] = []
+
+    def span_active(self, state: LayerState) -> torch.Tensor:
+        """[S] bool: which span tokens to compute at `state.layer`."""
+        raise NotImplementedError
+
+    def active(self, state: LayerState) -> torch.Tensor:
+        if not self.span_idx.numel():
+            return self.new
+        picked = self.span_idx[self.span_active(state)]
+        return torch.cat([self.new, picked]).sort().values
+
+    def after_layer(self, state: LayerState) -> None:
+        pass
+
+    def span_slices(self):
+        """(span number, slice into span_idx) for each span."""
+        at = 0
+        for i, m in enumerate(self.plan.spans):
+            yield i, slice(at, at + m.length)
+            at += m.length
+
+
+class Relay(Schedule):
+    """RelayCaching (DESIGN.md section 2) over the band [start_layer, end_layer], detecting at det_layer.
+
+    An empty band (start_layer > end_layer) recomputes nothing: it is `naive`.
+    """
+
+    name = "relay"
+
+    def __init__(self, start_layer: int, det_layer: int, end_layer: int, selector: SelectorConfig | None = None):
+        if start_layer <= end_layer and not start_layer <= det_layer <= end_layer:
+            raise ValueError(f"need start_layer <= det_layer <= end_layer, got {start_layer}, {det_layer}, {end_layer}")
+        self.start, self.det, self.end = start_layer, det_layer, end_layer
+        self.selector = selector or SelectorConfig()
+
+    def keep_span(self, match: Match) -> bool:
+        return match.length >= self.selector.min_span_tokens
+
+    def layer_plan(self, plan, ex):
+        return _RelayPlan(plan, ex, self)
+
+
+class _RelayPlan(_SpanPlan):
+    def __init__(self, plan: PrefillPlan, ex: Executor, sched: Relay):
+        super().__init__(plan, ex)
+        self.s = sched
+        self.empty = sched.start > sched.end
+        # Entry layer per span token: start_layer where upstream hidden states for it are stored, else 0.
+        self.entry = torch.zeros(self.span_idx.numel(), dtype=torch.long, device=ex.device)
+        for (_, sl), hid in zip(self.span_slices(), plan.span_hidden, strict=True):
+            if self._enters_at_start(hid):
+                self.entry[sl] = sched.start
+        self.selected = torch.zeros(self.span_idx.numel(), dtype=torch.bool, device=ex.device)
+        self.guarded = torch.zeros_like(self.selected)  # spans the quality guard recomputes in full
+        self._reused_values = self._queries = None
+
+    def _enters_at_start(self, hid: tuple[int, torch.Tensor] | None) -> bool:
+        return hid is not None and hid[0] == self.s.start
+
+    def span_active(self, state):
+        layer, s = state.layer, self.s
+        if self.empty:
+            return self.selected  # all False
+        if layer == s.start:
+            self._inject(state)
+        if layer == s.det:
+            self._reused_values = state.kv.values[layer][:, self.span_idx].clone()
+            first = self.span_idx[0] if self.span_idx.numel() else 0
+            q_idx = self.new[self.new > first]
+            self._queries = (q_idx, state.hidden[q_idx].clone())
+        if layer <= s.det:
+            return self.entry <= layer
+        if layer <= s.end:
+            return self.selected
+        return self.guarded
+
+    def _inject(self, state: LayerState) -> None:
+        """Place the stored upstream residual stream of spans that enter at start_layer."""
+        for (_, sl), hid in zip(self.span_slices(), self.plan.span_hidden, strict=True):
+            if self._enters_at_start(hid):
+                state.hidden[self.span_idx[sl]] = hid[1].to(state.hidden.device, state.hidden.dtype)
+
+    def after_layer(self, state):
+        if self.empty or state.layer != self.s.det or not self.span_idx.numel():
+            return
+        ex, cfg = self.ex, self.s.selector
+        fresh = state.kv.values[state.layer][:, self.span_idx]
+        dev = value_deviation(self._reused_values, fresh)
+        q_idx, q_hidden = self._queries
+        length = int(state.positions[-1]) + 1
+        if q_idx.numel():
+            probs = ex.attention_probs(state.layer, q_hidden, state.positions[q_idx], state.kv, length)
+            infl = probs[:, state.positions[self.span_idx]].sum(0)
+        else:
+            infl = torch.zeros_like(dev)
+        for i, sl in self.span_slices():
+            mean_dev = float(dev[sl].mean())
+            if mean_dev > cfg.max_span_deviation:
+                self.selected[sl] = True
+                self.guarded[sl] = True
+                self.notes.append(f"span {i}: mean deviation {mean_dev:.3f} > {cfg.max_span_deviation}: "
+                                  f"recomputed at every layer from {self.s.start}")
+            else:
+                self.selected[sl] = select(dev[sl], infl[sl], cfg)
+
+
+class CacheBlend(Schedule):
+    """CacheBlend: all span tokens through layers 0..check_layer; at check_layer keep the top `ratio`
+    by K/V deviation (squared L2 of the key and value change, summed over heads) for every later layer."""
+
+    name = "cacheblend"
+
+    def __init__(self, ratio: float = 0.15, check_layer: int = 1):
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"cacheblend ratio must be in [0, 1], got {ratio}")
+        self.ratio, self.check = ratio, check_layer
+
+    def layer_plan(self, plan, ex):
+        return _CacheBlendPlan(plan, ex, self)
+
+
+class _CacheBlendPlan(_SpanPlan):
+    def __init__(self, plan, ex, sched: CacheBlend):
+        super().__init__(plan, ex)
+        self.s = sched
+        self.selected = torch.zeros(self.span_idx.numel(), dtype=torch.bool, device=ex.device)
+        self._reused = None
+
+    def span_active(self, state):
+        if state.layer == self.s.check:
+            kv, i = state.kv, state.layer
+            self._reused = (kv.keys[i][:, self.span_idx].clone(), kv.values[i][:, self.span_idx].clone())
+        if state.layer <= self.s.check:
+            return torch.ones_like(self.selected)
+        return self.selected
+
+    def after_layer(self, state):
+        if state.layer != self.s.check or not self.span_idx.numel():
+            return
+        kv, i = state.kv, state.layer
+        k_old, v_old = self._reused
+        dk = (kv.keys[i][:, self.span_idx].float() - k_old.float()).pow(2).sum((0, 2))
+        dv = (kv.values[i][:, self.span_idx].float() - v_old.float()).pow(2).sum((0, 2))
+        dev = dk + dv
+        keep = torch.topk(dev, int(round(self.s.ratio * dev.numel()))).indices
+        self.selected[keep] = True
+
+
+class Epic(Schedule):
+    """EPIC: the first k tokens of each span are recomputed at every layer; the rest are reused."""
+
+    name = "epic"
+
+    def __init__(self, k: int = 16):
+        self.k = k
+
+    def layer_plan(self, plan, ex):
+        p = _SpanPlan(plan, ex)
+        first = torch.zeros(p.span_idx.numel(), dtype=torch.bool, device=ex.device)
+        for _, sl in p.span_slices():
+            first[sl.start : min(sl.stop, sl.start + self.k)] = True
+        p.span_active = lambda state: first
+        return p
+
+
+SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (Full, Prefix, Naive, Relay, CacheBlend, Epic)}
+
+
+def get_schedule(name: str | Schedule, settings: dict | None = None, band: tuple[int, int, int] | None = None,
+                 selector: SelectorConfig | None = None) -> Schedule:
+    """A schedule by name. settings: per-call knobs (relay: SelectorConfig fields; cacheblend: ratio,
+    check_layer; epic: k). band: (start, det, end) layers for relay, from the model's profile."""
     if isinstance(name, Schedule):
         return name
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name]()
+    settings = dict(settings or {})
+    if name == "relay":
+        if band is None:
+            raise ValueError("the relay schedule needs a layer band (a profile of the model)")
+        return Relay(*band, selector=(selector or SelectorConfig()).updated(settings))
+    try:
+        return SCHEDULES[name](**settings)
+    except TypeError as exc:
+        raise ValueError(f"bad settings for schedule {name!r}: {exc}") from exc

@@ -1,0 +1,61 @@
+"""Token selector: which reused span tokens to recompute, from deviation and influence at det_layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SelectorConfig:
+    """Thresholds of the RelayCaching selector (per span, relative to the span's mean).
+
+    tau_dev: select d_j >= tau_dev * mean(d). tau_inf: select s_j >= tau_inf * mean(s).
+    suffix: always select the last `suffix` tokens of a span. recompute_budget: cap on the selected
+    fraction of a span's tokens (1.0 = no cap); over the cap, the suffix is kept first, then the
+    tokens with the highest d/mean(d) + s/mean(s). max_span_deviation: quality guard; a span whose
+    mean deviation exceeds it is recomputed in full. min_span_tokens: shorter spans are not reused.
+    """
+
+    tau_dev: float = 1.5
+    tau_inf: float = 1.45
+    suffix: int = 10
+    recompute_budget: float = 1.0
+    max_span_deviation: float = 0.25
+    min_span_tokens: int = 16
+
+    def updated(self, overrides: dict | None) -> SelectorConfig:
+        if not overrides:
+            return self
+        unknown = set(overrides) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown relay settings {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}")
+        return SelectorConfig(**{**self.__dict__, **overrides})
+
+
+def value_deviation(reused: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """d_j = 1 - cos(v_reused_j, v_fresh_j), over all KV heads. reused, fresh: [kv_heads, n, head_dim]."""
+    a = reused.float().transpose(0, 1).flatten(1)
+    b = fresh.float().transpose(0, 1).flatten(1)
+    return (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).clamp_min(0)
+
+
+def select(deviation: torch.Tensor, influence: torch.Tensor, cfg: SelectorConfig) -> torch.Tensor:
+    """Selected tokens of ONE span: [n] bool from deviation [n] and influence [n] (both >= 0)."""
+    n = deviation.numel()
+    d_mean = deviation.mean().clamp_min(1e-12)
+    s_mean = influence.mean().clamp_min(1e-12)
+    chosen = (deviation >= cfg.tau_dev * d_mean) | (influence >= cfg.tau_inf * s_mean)
+    suffix = torch.zeros(n, dtype=torch.bool, device=deviation.device)
+    suffix[max(0, n - cfg.suffix) :] = True
+    chosen |= suffix
+    cap = int(cfg.recompute_budget * n)
+    if chosen.sum() > cap:
+        score = deviation / d_mean + influence / s_mean
+        score = torch.where(suffix, torch.full_like(score, float("inf")), score)
+        score = torch.where(chosen, score, torch.full_like(score, float("-inf")))
+        keep = torch.topk(score, cap).indices
+        chosen = torch.zeros_like(chosen)
+        chosen[keep] = True
+    return chosen

@@ -1,0 +1,180 @@
+"""The relay schedule, its selector, the profile, and the CacheBlend / EPIC baselines."""
+
+import json
+
+import pytest
+import torch
+
+from relay_llm.loading import Fingerprint
+from relay_llm.profiler import Profile, build_profile, choose_band
+from relay_llm.selector import SelectorConfig, select, value_deviation
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _handoff(engine, seed: int = 0):
+    """An output generated upstream, then placed after new text (positions move: rotation + repair)."""
+    out = engine.complete(_ids(25, seed), max_new_tokens=24).token_ids
+    engine.prefix_cache.clear()
+    return _ids(19, seed + 1) + out + _ids(7, seed + 2), _ids(6, seed + 3)
+
+
+def _everything(engine) -> dict:
+    last = engine.executor.num_layers - 1
+    return {"start_layer": 0, "det_layer": 0, "end_layer": last, "tau_dev": 0.0, "min_span_tokens": 1}
+
+
+def test_relay_selecting_everything_over_all_layers_reproduces_full(tiny):
+    prompt, cont = _handoff(tiny)
+    full = tiny.teacher_force(prompt, cont, schedule="full")
+    relay = tiny.teacher_force(prompt, cont, schedule="relay", relay=_everything(tiny))
+    assert (relay - full).abs().max().item() < 1e-4
+    naive = tiny.teacher_force(prompt, cont, schedule="naive")
+    assert (naive - full).abs().max().item() > 1e-3  # the hand-off really deviates
+
+
+def test_relay_with_empty_band_reproduces_naive(tiny):
+    prompt, cont = _handoff(tiny, seed=10)
+    naive = tiny.teacher_force(prompt, cont, schedule="naive")
+    relay = tiny.teacher_force(prompt, cont, schedule="relay",
+                               relay={"start_layer": 1, "det_layer": 1, "end_layer": 0, "min_span_tokens": 1})
+    assert (relay - naive).abs().max().item() < 1e-6
+    stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay",
+                          relay={"start_layer": 1, "det_layer": 1, "end_layer": 0, "min_span_tokens": 1}).stats
+    assert stats.reuse_rate == 1.0 and stats.recomputed_cells == 0
+
+
+@pytest.mark.parametrize("capture_layer", [1, 0])
+def test_relay_recomputes_part_of_the_band(tiny, capture_layer):
+    """Band [1, 2], det 1. With upstream hidden states stored for layer 1, span tokens enter there;
+    without them (captured for layer 0 only), they are computed from layer 0."""
+    tiny.capture_layer = capture_layer
+    try:
+        prompt, _ = _handoff(tiny, seed=20)
+    finally:
+        tiny.set_profile(None)
+    settings = {"start_layer": 1, "det_layer": 1, "end_layer": 2, "min_span_tokens": 1, "suffix": 2,
+                "max_span_deviation": 2.0}
+    stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay", relay=settings).stats
+    assert stats.span_tokens == 24
+    entry_cells = 24 * (2 - capture_layer)  # every span token from its entry layer through det
+    selected = stats.recomputed_cells - entry_cells
+    assert 2 <= selected < 24  # the suffix and the tokens over threshold, at layer 2 only
+    assert 0 < stats.reuse_rate < 1
+
+
+def test_quality_guard_recomputes_a_deviating_span(tiny):
+    prompt, cont = _handoff(tiny, seed=30)
+    n_layers = tiny.executor.num_layers
+    settings = {"start_layer": 0, "det_layer": 0, "end_layer": 0, "min_span_tokens": 1, "max_span_deviation": -1.0}
+    res = tiny.complete(prompt, max_new_tokens=1, schedule="relay", relay=settings)
+    assert "mean deviation" in res.stats.fallback
+    assert res.stats.recomputed_cells == 24 * n_layers
+    full = tiny.teacher_force(prompt, cont, schedule="full")
+    guarded = tiny.teacher_force(prompt, cont, schedule="relay", relay=settings)
+    assert (guarded - full).abs().max().item() < 1e-4
+
+
+def test_short_spans_are_not_reused_by_relay(tiny):
+    prompt, _ = _handoff(tiny, seed=40)
+    settings = {"start_layer": 0, "det_layer": 0, "end_layer": 0, "min_span_tokens": 100}
+    stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay", relay=settings).stats
+    assert stats.span_tokens == 0 and "too short" in stats.fallback
+
+
+@pytest.mark.parametrize("schedule, everything, nothing", [
+    ("cacheblend", {"ratio": 1.0}, {"ratio": 0.0, "check_layer": -1}),
+    ("epic", {"k": 1000}, {"k": 0}),
+])
+def test_baselines_span_full_and_naive(tiny, schedule, everything, nothing):
+    prompt, cont = _handoff(tiny, seed=50)
+    full = tiny.teacher_force(prompt, cont, schedule="full")
+    naive = tiny.teacher_force(prompt, cont, schedule="naive")
+    assert (tiny.teacher_force(prompt, cont, schedule=schedule, relay=everything) - full).abs().max() < 1e-4
+    assert (tiny.teacher_force(prompt, cont, schedule=schedule, relay=nothing) - naive).abs().max() < 1e-6
+
+
+def test_baseline_recompute_counts(tiny):
+    prompt, _ = _handoff(tiny, seed=60)
+    n_layers = tiny.executor.num_layers
+    epic = tiny.complete(prompt, max_new_tokens=1, schedule="epic", relay={"k": 5}).stats
+    assert epic.recomputed_cells == 5 * n_layers
+    blend = tiny.complete(prompt, max_new_tokens=1, schedule="cacheblend", relay={"ratio": 0.25}).stats
+    assert blend.recomputed_cells == 24 * 2 + 6 * (n_layers - 2)  # all through layers 0-1, then 25 %
+
+
+def test_unknown_settings_are_refused(tiny):
+    with pytest.raises(ValueError, match="unknown relay settings"):
+        tiny.complete([5] * 4, max_new_tokens=1, schedule="relay", relay={**_everything(tiny), "tau": 1})
+    with pytest.raises(ValueError, match="bad settings"):
+        tiny.complete([5] * 4, max_new_tokens=1, schedule="epic", relay={"ratio": 1})
+    with pytest.raises(ValueError, match="no profile"):
+        tiny.complete([5] * 4, max_new_tokens=1, schedule="relay")
+
+
+# ---- selector ----------------------------------------------------------------------------------------
+
+
+def test_selector_thresholds_give_known_sets():
+    d = torch.tensor([0.1, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])  # mean 0.18: 0.9 >= 1.5 * mean
+    s = torch.tensor([0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # mean 0.5: 5 >= 1.45 * mean
+    cfg = SelectorConfig(suffix=2)
+    assert select(d, s, cfg).nonzero().flatten().tolist() == [1, 2, 8, 9]
+    assert select(d, s, SelectorConfig(suffix=0)).nonzero().flatten().tolist() == [1, 2]
+    assert select(d, s, SelectorConfig(suffix=0, tau_dev=10, tau_inf=100)).sum() == 0
+    capped = select(d, s, SelectorConfig(suffix=2, recompute_budget=0.3))  # 3 of 10: suffix first
+    assert capped.nonzero().flatten().tolist() == [1, 8, 9] or capped.nonzero().flatten().tolist() == [2, 8, 9]
+    assert capped.sum() == 3
+
+
+def test_value_deviation():
+    v = torch.randn(2, 5, 8)
+    assert torch.allclose(value_deviation(v, v), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(value_deviation(v, -v), torch.full((5,), 2.0), atol=1e-6)
+
+
+# ---- profile -----------------------------------------------------------------------------------------
+
+
+def test_choose_band_handles_a_second_late_dip():
+    # exact at 0, a main dip over 5-10, recovery at 11-12, a small late dip at 15 and 17
+    cos = [1.0, .99, .99, .98, .97, .93, .92, .91, .92, .93, .94, .985, .99, .98, .98, .96, .98, .97]
+    corr = [0.0, .3, .4, .5, .6, .7, .8, .95, .97, .96, .9, .5, .4, .5, .5, .6, .5, .6]
+    start, det, end = choose_band(cos, corr)
+    assert (start, end) == (5, 15) and det == 7  # the late dip at 15 carries enough mass to be included
+    start, det, end = choose_band(cos, corr, coverage=0.6)
+    assert (start, end) == (5, 10) and det == 7
+    assert choose_band([1.0] * 6, [0.0] * 6) == (1, 1, 0)  # nothing deviates: empty band
+
+
+def test_profile_round_trip_and_fingerprint_check(tmp_path):
+    p = Profile(architecture="llama", weights="abc", dtype="float32", num_layers=3, start_layer=1, det_layer=1,
+                end_layer=2, measurements={"value_cos": [1, 0.9, 0.95]})
+    path = p.save(tmp_path / "p.json")
+    assert Profile.load(path, Fingerprint("llama", "abc", "float32")) == p
+    with pytest.raises(ValueError, match="was made for llama:abc"):
+        Profile.load(path, Fingerprint("llama", "other", "float32"))
+    data = json.loads(path.read_text())
+    data["version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version"):
+        Profile.load(path)
+
+
+def test_profiler_runs_on_a_tiny_model(tiny_engines):
+    engine = tiny_engines["gemma3"]
+    engine.store.clear()
+    handoffs = [{"upstream": f"Topic {i}: the developer writes code.", "prefix": "The reviewer reads. " * (3 + 9 * i),
+                 "question": "What is wrong?"} for i in range(3)]
+    profile = build_profile(engine, handoffs, max_new_tokens=20)
+    m = profile.measurements
+    assert m["handoffs"] == 3 and len(m["value_cos"]) == engine.executor.num_layers
+    assert m["value_cos"][0] > 0.9999 and m["key_cos"][0] > 0.9999  # layer 0 is exact after rotation
+    assert 0 <= profile.start_layer <= profile.det_layer <= profile.end_layer < engine.executor.num_layers
+    engine.set_profile(profile)
+    try:
+        assert engine.default_schedule == "relay" and engine.capture_layer == profile.start_layer
+    finally:
+        engine.set_profile(None)

@@ -157,6 +157,12 @@ def bos(engine: RelayEngine) -> list[int]:
     return [engine.tokenizer.bos_token_id] if engine.tokenizer.bos_token_id is not None else []
 
 
+def capture_layer(engine: RelayEngine) -> int:
+    """The layer whose residual-stream input the engine stores per generated token."""
+    layer = getattr(engine, "capture_layer", None)  # newer engines resolve it from the model's profile
+    return layer if layer is not None else engine.config.capture_layer or 0
+
+
 def downstream_prompt(engine: RelayEngine, span_ids: list[int]) -> list[int]:
     return bos(engine) + tokens(engine, NEW_PREFIX) + span_ids + tokens(engine, QUESTION)
 
@@ -170,14 +176,15 @@ def prefill_settings(engine: RelayEngine, dtype: str, spans: list[int]) -> list[
     upstream = head + span_all
     ex = engine.executor
     kv = ex.new_buffers(len(upstream))
-    run = ex.run(torch.tensor(upstream, device=ex.device), 0, kv, capture_layer=engine.config.capture_layer)
+    layer = capture_layer(engine)
+    run = ex.run(torch.tensor(upstream, device=ex.device), 0, kv, capture_layer=layer)
     out = []
     for n in spans:
         keys, values = kv.slice(len(head), len(head) + n)
         seg = Segment(
             token_ids=torch.tensor(span_all[:n], dtype=torch.long), keys=keys, values=values,
             start_pos=len(head), fingerprint=engine.fingerprint.key(), kind="decode",
-            hidden=run.captured[len(head) : len(head) + n].clone(), hidden_layer=engine.config.capture_layer,
+            hidden=run.captured[len(head) : len(head) + n].clone(), hidden_layer=layer,
         )
         up_keys, up_values = kv.slice(0, len(head) + n)
         out.append(Setting(dtype, n, "prefill", downstream_prompt(engine, span_all[:n]), seg,

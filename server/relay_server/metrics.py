@@ -1,0 +1,126 @@
+"""Prometheus text-format metrics (exposition format 0.0.4), kept by hand: no extra dependency."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+from relay_llm.stats import RequestStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for le, n in zip((*map(_num, self.buckets), "+Inf"), self.counts, strict=True):
+            total += n
+            out.append(f'{name}_bucket{{le="{le}"}} {total}')
+        return [*out, f"{name}_sum {_num(self.sum)}", f"{name}_count {total}"]
+
+
+def _num(x: float) -> str:
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Request counts, token counters, TTFT and duration histograms; store gauges read at scrape time."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.reused_tokens = 0
+        self.generated_tokens = 0
+        self.recomputed_cells = 0
+        self.reusable_cells = 0
+        self.generations = 0
+        self.cancelled = 0
+        self.in_flight = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.duration = Histogram(DURATION_BUCKETS)
+
+    def count_request(self, endpoint: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(endpoint, str(status))] += 1
+            self.duration.observe(seconds)
+
+    def generation_started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def generation_ended(self, stats: RequestStats | None) -> None:
+        """`stats` of a finished generation, or None if it was cancelled or failed."""
+        with self._lock:
+            self.in_flight -= 1
+            if stats is None:
+                self.cancelled += 1
+                return
+            self.generations += 1
+            self.prompt_tokens += stats.prompt_tokens
+            self.reused_tokens += stats.reused_tokens
+            self.generated_tokens += stats.completion_tokens
+            self.recomputed_cells += stats.recomputed_cells
+            self.reusable_cells += stats.reusable_cells
+            self.ttft.observe(stats.ttft_s)
+
+    def render(self, store_stats=None, prefix_bytes: int | None = None) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help: str, samples: list[str]) -> None:
+            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", *samples])
+
+        with self._lock:
+            metric("relay_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
+                   [f'relay_requests_total{{endpoint="{_label(e)}",status="{s}"}} {n}'
+                    for (e, s), n in sorted(self.requests.items())])
+            metric("relay_request_duration_seconds", "histogram", "HTTP request duration (streams: until the end).",
+                   self.duration.lines("relay_request_duration_seconds"))
+            metric("relay_generations_total", "counter", "Generations that ran to the end.",
+                   [f"relay_generations_total {self.generations}"])
+            metric("relay_generations_cancelled_total", "counter", "Generations cancelled (client gone) or failed.",
+                   [f"relay_generations_cancelled_total {self.cancelled}"])
+            metric("relay_generations_in_flight", "gauge", "Generations running or queued on the engine.",
+                   [f"relay_generations_in_flight {self.in_flight}"])
+            metric("relay_prompt_tokens_total", "counter", "Prompt tokens of finished generations.",
+                   [f"relay_prompt_tokens_total {self.prompt_tokens}"])
+            metric("relay_reused_tokens_total", "counter", "Prompt tokens whose stored K/V was reused.",
+                   [f"relay_reused_tokens_total {self.reused_tokens}"])
+            metric("relay_generated_tokens_total", "counter", "Generated (completion) tokens.",
+                   [f"relay_generated_tokens_total {self.generated_tokens}"])
+            metric("relay_recomputed_cells_total", "counter", "Recomputed (token, layer) cells of reusable content.",
+                   [f"relay_recomputed_cells_total {self.recomputed_cells}"])
+            metric("relay_reusable_cells_total", "counter", "All (token, layer) cells of reusable content.",
+                   [f"relay_reusable_cells_total {self.reusable_cells}"])
+            metric("relay_ttft_seconds", "histogram", "Engine time to first token (from the start of the job).",
+                   self.ttft.lines("relay_ttft_seconds"))
+        if store_stats is not None:
+            metric("relay_store_bytes", "gauge", "Bytes of K/V held in the segment store.",
+                   [f"relay_store_bytes {store_stats.bytes}"])
+            metric("relay_store_budget_bytes", "gauge", "Byte budget of the segment store.",
+                   [f"relay_store_budget_bytes {store_stats.budget_bytes}"])
+            metric("relay_store_segments", "gauge", "Segments held in the segment store.",
+                   [f"relay_store_segments {store_stats.segments}"])
+            metric("relay_store_evictions_total", "counter", "Segments evicted from the store.",
+                   [f"relay_store_evictions_total {store_stats.evictions}"])
+        if prefix_bytes is not None:
+            metric("relay_prefix_cache_bytes", "gauge", "Bytes of K/V held in the exact-prefix cache.",
+                   [f"relay_prefix_cache_bytes {prefix_bytes}"])
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,147 @@
+"""Bridge the engine's blocking chunk iterator to asyncio, and write OpenAI server-sent events.
+
+The engine runs generations one at a time on its own worker thread; `engine.stream(...)` returns an
+iterator that blocks until the next chunk. A `ChunkPump` iterates it on a dedicated thread and hands the
+chunks to the event loop, so the loop stays free (health, metrics, other requests queue meanwhile).
+Cancelling the pump closes the engine iterator at the next chunk, which cancels the generation at the
+next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from fastapi import Request
+
+from relay_llm import Chunk
+
+from .errors import error_body, error_type
+from .responses import Shape
+
+log = logging.getLogger("relay_server")
+
+DISCONNECT_POLL_S = 0.5
+_END = object()
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the generation finished."""
+
+
+class ChunkPump:
+    """Iterates an engine chunk iterator on its own thread; `await get()` returns the next chunk."""
+
+    def __init__(self, chunks: Iterator[Chunk]):
+        self._chunks = chunks
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._stop = threading.Event()
+        self.closed = threading.Event()  # set once the engine iterator is closed (generation over or cancelled)
+        threading.Thread(target=self._run, name="relay-server-pump", daemon=True).start()
+
+    def _run(self) -> None:
+        last: object = _END
+        try:
+            for chunk in self._chunks:
+                if self._stop.is_set():
+                    break
+                self._put(chunk)
+        except BaseException as exc:  # handed to the event loop
+            last = exc
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()  # sets the engine's cancel flag if the generation is still running
+            self.closed.set()
+            self._put(last)
+
+    def _put(self, item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def cancel(self) -> None:
+        """Stop at the next chunk: the engine iterator is closed and the generation cancelled.
+
+        If the engine's iterator has a thread-safe `cancel()` (a stream handle), it is called at once too,
+        so a generation still queued behind another one never starts.
+        """
+        self._stop.set()
+        cancel = getattr(self._chunks, "cancel", None)
+        if callable(cancel):
+            cancel()
+
+    async def get(self, request: Request | None = None) -> Chunk | None:
+        """The next chunk, or None at the end. Raises the engine's exception, or ClientDisconnected."""
+        while True:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), DISCONNECT_POLL_S if request else None)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ClientDisconnected() from None
+                continue
+            if item is _END:
+                return None
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+
+async def collect(pump: ChunkPump, request: Request) -> tuple[str, Chunk]:
+    """Join a whole generation: (text, last chunk). Cancels it if the client disconnects."""
+    parts: list[str] = []
+    last = None
+    try:
+        while (chunk := await pump.get(request)) is not None:
+            parts.append(chunk.text)
+            last = chunk
+    finally:
+        pump.cancel()
+    if last is None or last.stats is None:
+        raise RuntimeError("the engine ended the generation without final statistics")
+    return "".join(parts), last
+
+
+def sse(data: dict | str) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+DONE = sse("[DONE]")
+
+
+async def sse_events(pump: ChunkPump, request: Request, shape: Shape,
+                     on_finish: Callable[[Chunk], None]) -> AsyncIterator[str]:
+    """OpenAI stream: [role chunk], content deltas, finish chunk, [usage chunk], [DONE].
+
+    A failure after the response started becomes an error event followed by [DONE]. A client
+    disconnect (Starlette cancels this generator, or a poll notices it) cancels the generation.
+    """
+    try:
+        start = shape.start_chunk()
+        if start is not None:
+            yield sse(start)
+        while (chunk := await pump.get(request)) is not None:
+            if chunk.text:
+                yield sse(shape.delta_chunk(chunk.text))
+            if chunk.finish_reason is not None and chunk.stats is not None:
+                on_finish(chunk)
+                yield sse(shape.finish_chunk(chunk.finish_reason, chunk.stats))
+                if shape.include_usage:
+                    yield sse(shape.usage_chunk(chunk.stats))
+        yield DONE
+    except ClientDisconnected:
+        return
+    except Exception as exc:
+        log.exception("generation failed mid-stream", exc_info=exc)
+        status = 400 if isinstance(exc, ValueError) else 500
+        yield sse(error_body(f"generation failed: {exc}", error_type(status), None,
+                             "invalid_value" if status == 400 else "internal_error"))
+        yield DONE
+    finally:
+        pump.cancel()

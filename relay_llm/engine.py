@@ -92,6 +92,41 @@ class _Failed:
         self.exc = exc
 
 
+class ChunkStream(Iterator[Chunk]):
+    """The items of one queued job, in order. Iterate it; `cancel()` may be called from any thread."""
+
+    def __init__(self, out: queue.Queue, cancel: threading.Event):
+        self._out, self._cancel, self._finished = out, cancel, False
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        item = self._out.get()
+        if isinstance(item, (_Done, _Cancelled)):
+            self._finished = True
+            self._cancel.set()
+            raise StopIteration
+        if isinstance(item, _Failed):
+            self._finished = True
+            raise item.exc
+        return item
+
+    def cancel(self) -> None:
+        """Stop the job at its next token (or skip it if still queued); iteration then ends."""
+        if not self._finished:
+            self._cancel.set()
+            self._out.put(_Cancelled())
+
+    close = cancel
+
+    def __del__(self):
+        self._cancel.set()
+
+
+class _Cancelled:
+    pass
+
+
 class _Worker:
     """A single thread that runs jobs in submission order."""
 
@@ -160,6 +195,8 @@ class RelayEngine:
         band = self.profile.band if self.profile else None
         if name == "relay":
             keys = ("start_layer", "det_layer", "end_layer")
+            if any(not isinstance(settings.get(k, 0), int) or isinstance(settings.get(k), bool) for k in keys):
+                raise ValueError("relay band layers (start_layer, det_layer, end_layer) must be integers")
             if any(k in settings for k in keys):
                 if band is None and not all(k in settings for k in keys):
                     raise ValueError("without a profile, relay settings must give start_layer, det_layer, end_layer")
@@ -230,11 +267,12 @@ class RelayEngine:
         """Continue a raw prompt (no template): a string or prompt token ids."""
         return self._collect(self.stream(prompt, **opts))
 
-    def stream(self, request: list[dict] | str | list[int], **opts) -> Iterator[Chunk]:
+    def stream(self, request: list[dict] | str | list[int], **opts) -> ChunkStream:
         """Yield `Chunk` text deltas; the last chunk has `finish_reason`, `stats` and `token_ids`.
 
         request: chat messages (rendered by the chat template), a raw prompt string, or prompt token ids.
-        Closing the iterator early cancels the generation at the next token, and nothing is stored.
+        `cancel()` (from any thread) or closing the stream early stops the generation at the next token
+        (or before it starts, if still queued), and nothing is stored.
         """
         options = GenerationOptions(**opts)
         if isinstance(options.stop, str):
@@ -244,7 +282,7 @@ class RelayEngine:
         ids = self._ids(request)
         self._check_length(len(ids), options.max_new_tokens)
         out, cancel = self._worker.submit(lambda emit, c: self._generate(ids, options, schedule, emit, c))
-        return self._drain(out, cancel)
+        return ChunkStream(out, cancel)
 
     def teacher_force(self, request: list[dict] | str | list[int], continuation_ids: list[int],
                       schedule: str | Schedule = "full", relay: dict | None = None) -> torch.Tensor:
@@ -259,7 +297,7 @@ class RelayEngine:
             raise ValueError("continuation_ids must not be empty")
         self._check_length(len(ids), len(cont))
         out, cancel = self._worker.submit(lambda emit, c: emit(self._teacher_force(ids, cont, sched)))
-        (logprobs,) = [item for item in self._drain(out, cancel)]
+        (logprobs,) = list(ChunkStream(out, cancel))
         return logprobs
 
     # ---- worker side ---------------------------------------------------------------------------
@@ -270,19 +308,6 @@ class RelayEngine:
                 f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new_tokens}) exceeds the model's "
                 f"context of {self.max_context} tokens"
             )
-
-    @staticmethod
-    def _drain(out: queue.Queue, cancel: threading.Event) -> Iterator:
-        try:
-            while True:
-                item = out.get()
-                if isinstance(item, _Done):
-                    return
-                if isinstance(item, _Failed):
-                    raise item.exc
-                yield item
-        finally:
-            cancel.set()
 
     @staticmethod
     def _collect(chunks: Iterator[Chunk]) -> Result:

@@ -31,6 +31,11 @@ class SelectorConfig:
         unknown = set(overrides) - set(self.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown relay settings {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}")
+        for key, value in overrides.items():
+            kind = int if key in ("suffix", "min_span_tokens") else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"relay setting {key} must be a number{' (integer)' if kind is int else ''}, "
+                                 f"got {value!r}")
         return SelectorConfig(**{**self.__dict__, **overrides})
 
 

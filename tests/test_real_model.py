@@ -1,6 +1,7 @@
 """Equivalences on the real default model (gemma-3-270m, fp32), loaded once per session."""
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.real_model
 
@@ -23,11 +24,47 @@ def test_identical_context_reuse_reproduces_full_prefill(default_engine):
 
 
 def test_executor_reproduces_model_logits(default_engine):
-    import torch
-
     e = default_engine
     ids = torch.tensor(e.encode("Relay caching reuses the keys and values of generated text. " * 3))
     with torch.inference_mode():
         ref = e.model(ids[None]).logits[0].float()
     got = e.executor.run(ids, 0, e.executor.new_buffers(len(ids)), logit_rows=torch.arange(len(ids))).logits
     assert (got - ref).abs().max().item() < 1e-3
+
+
+LONG_OTHER_TEXT = (
+    "Minutes of the harbour committee. The committee met on Tuesday to discuss the new breakwater, the "
+    "budget for dredging the inner basin, and complaints about the noise from the fish market. The chair "
+    "opened the meeting by thanking the volunteers who repaired the lighthouse stairs during the winter. "
+) * 6
+
+
+def test_profile_ships_and_relay_is_the_default(default_engine):
+    assert default_engine.profile is not None
+    assert default_engine.default_schedule == "relay"
+    assert default_engine.capture_layer == default_engine.profile.start_layer
+
+
+def test_relay_is_far_more_faithful_than_naive_after_a_long_different_prefix(default_engine):
+    e = default_engine
+    e.store.clear()
+    e.prefix_cache.clear()
+    up = e.chat([{"role": "user", "content": "Explain in a few sentences how a hash map stores and finds keys."}],
+                max_new_tokens=48, temperature=0.7, top_p=0.95, seed=3)
+    prompt = e.render([
+        {"role": "system", "content": LONG_OTHER_TEXT},
+        {"role": "user", "content": f"Here is an explanation from a colleague:\n\n{up.text}\n\nSummarise it."},
+    ])
+    assert len(prompt) > 300 + 40
+    cont = e.complete(prompt, max_new_tokens=16, schedule="full").token_ids
+    e.prefix_cache.clear()  # measure span reuse, not the exact-prefix hit the call above left
+    full = e.teacher_force(prompt, cont, schedule="full")
+
+    def kl(schedule):
+        lp = e.teacher_force(prompt, cont, schedule=schedule)
+        return torch.sum(full.exp() * (full - lp), -1).mean().item()
+
+    k_naive, k_relay = kl("naive"), kl("relay")
+    stats = e.complete(prompt, max_new_tokens=1, schedule="relay").stats
+    assert stats.span_tokens >= 30 and stats.reuse_rate > 0.5
+    assert k_relay < k_naive / 3, (k_relay, k_naive)

@@ -139,13 +139,14 @@ def test_value_deviation():
 
 
 def test_choose_band_handles_a_second_late_dip():
-    # exact at 0, a main dip over 5-10, recovery at 11-12, a small late dip at 15 and 17
-    cos = [1.0, .99, .99, .98, .97, .93, .92, .91, .92, .93, .94, .985, .99, .98, .98, .96, .98, .97]
+    # near-exact through layer 2, a main dip over 5-10, recovery at 11-12, a late dip at 15 and 17
+    cos = [1.0, .999, .997, .98, .97, .93, .92, .91, .92, .93, .94, .985, .99, .98, .98, .96, .98, .97]
     corr = [0.0, .3, .4, .5, .6, .7, .8, .95, .97, .96, .9, .5, .4, .5, .5, .6, .5, .6]
-    start, det, end = choose_band(cos, corr)
-    assert (start, end) == (5, 15) and det == 7  # the late dip at 15 carries enough mass to be included
-    start, det, end = choose_band(cos, corr, coverage=0.6)
-    assert (start, end) == (5, 10) and det == 7
+    assert choose_band(cos, corr) == (2, 4, 17)  # the late dip at 17 matters: inside the band
+    tail = cos[:16] + [.985, .99]  # a negligible tail after the dip at 15 is reused as-is
+    assert choose_band(tail, corr) == (2, 4, 15)
+    assert choose_band(cos, corr, det_fraction=0.9) == (2, 7, 17)
+    assert choose_band(cos, corr, entry_cos=0.9999) == (0, 4, 17)
     assert choose_band([1.0] * 6, [0.0] * 6) == (1, 1, 0)  # nothing deviates: empty band
 
 

@@ -95,7 +95,8 @@ def measure_setting(engine: RelayEngine, prompt: list[int], seg: Segment, repeat
         kl = (full_lp.exp() * (full_lp - lp)).sum(-1)
         fresh(engine, seg)
         own = engine.complete(prompt, max_new_tokens=STEPS, schedule=name, relay=settings)
-        same = next((i for i, (a, b) in enumerate(zip(own.token_ids, ref)) if a != b), min(len(ref), len(own.token_ids)))
+        pairs = zip(own.token_ids, ref, strict=False)
+        same = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ref), len(own.token_ids)))
         rows[label] = {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
                        "top1": float((lp.argmax(-1) == full_lp.argmax(-1)).float().mean()),
                        "identical": same, "reuse_rate": own.stats.reuse_rate, "ttft": [],
@@ -146,7 +147,7 @@ def report(results: list[dict], out: Path, cmd: str, elapsed: float) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
-    markers = dict(zip(SCHEDULES, "o^sDvP"))
+    markers = dict(zip(SCHEDULES, "o^sDvP", strict=True))
     for label in SCHEDULES:
         if label == "full":
             continue

@@ -183,7 +183,7 @@ def prefill_settings(engine: RelayEngine, dtype: str, spans: list[int]) -> list[
         keys, values = kv.slice(len(head), len(head) + n)
         seg = Segment(
             token_ids=torch.tensor(span_all[:n], dtype=torch.long), keys=keys, values=values,
-            start_pos=len(head), fingerprint=engine.fingerprint.key(), kind="decode",
+            start_pos=len(head), fingerprint=engine.store_fingerprint, kind="decode",
             hidden=run.captured[len(head) : len(head) + n].clone(), hidden_layer=layer,
         )
         up_keys, up_values = kv.slice(0, len(head) + n)
@@ -207,7 +207,7 @@ def generated_setting(engine: RelayEngine, dtype: str, max_new_tokens: int) -> S
         return None
     seg = engine.store.get(matches[0].segment_id)
     full_seq = prompt + res.token_ids
-    hit, keys, values = engine.prefix_cache.lookup(full_seq)
+    hit, keys, values = engine.prefix_cache.lookup(full_seq, engine.store_fingerprint)
     print(f"[{dtype}] generated {len(body)} tokens in {res.stats.decode_s + res.stats.ttft_s:.1f} s: "
           f"{engine.tokenizer.decode(body)[:120]!r}...", file=sys.stderr)
     return Setting(dtype, len(body), "decode", downstream_prompt(engine, body), seg, full_seq[:hit],
@@ -220,7 +220,7 @@ def generated_setting(engine: RelayEngine, dtype: str, max_new_tokens: int) -> S
 def reset(engine: RelayEngine, s: Setting) -> None:
     """Engine state of a real pipeline right after the upstream call, and nothing else."""
     engine.prefix_cache.clear()
-    engine.prefix_cache.add(s.upstream_ids, s.upstream_keys, s.upstream_values)
+    engine.prefix_cache.add(s.upstream_ids, s.upstream_keys, s.upstream_values, engine.store_fingerprint)
     engine.store.clear()
     engine.store.add(s.segment)
 

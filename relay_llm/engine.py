@@ -6,16 +6,20 @@ from any thread and queue on it.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from . import loading
+from . import loading, structured
 from .executor import Executor, KVBuffers
+from .matcher import chunk_bounds
 from .profiler import Profile, find_profile
 from .rope import rotate
 from .schedules import PrefillPlan, Schedule, get_schedule
@@ -23,6 +27,10 @@ from .selector import SelectorConfig
 from .stats import RequestStats
 from .store import PrefixCache, Segment, SegmentStore
 from .templates import ensure_template, stop_token_ids, validate_messages
+
+# Tokens that open or close a chat turn (besides special tokens and EOS ids): prompt chunk boundaries.
+TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>")
 
 
 @dataclass
@@ -32,12 +40,25 @@ class EngineConfig:
     default_schedule: None = "relay" when the model has a profile, else "naive".
     capture_layer: residual-stream input stored per generated token; None = the profile's start_layer
     (0 without a profile). relay: SelectorConfig overrides on top of the profile's selector settings.
+
+    Store (relay_llm.store): store_budget_bytes bounds the segment store, prefix_budget_bytes the
+    exact-prefix cache. min_match_tokens: the shortest stored stretch found in a prompt (partial quotes
+    included). store_prompt: also keep the prompt's freshly computed K/V as "prefill" segments, one per
+    message (split at special / turn-marker tokens), skipping stretches shorter than prompt_segment_min_tokens
+    and cutting longer ones than prompt_segment_max_tokens. store_dtype: dtype of stored segment K/V and
+    hidden states (None = the model's; "bfloat16" halves an fp32 model's store). persist_dir: opt-in folder
+    where segments are written (safetensors + JSON index) and reloaded from on start.
     """
 
     default_schedule: str | None = None
     store_budget_bytes: int = 2 << 30
     prefix_budget_bytes: int = 1 << 30
     min_match_tokens: int = 16
+    store_prompt: bool = True
+    prompt_segment_min_tokens: int = 64
+    prompt_segment_max_tokens: int = 512
+    store_dtype: str | None = None
+    persist_dir: str | None = None
     capture_layer: int | None = None
     relay: dict = field(default_factory=dict)
     max_context: int | None = None  # default: the model's max_position_embeddings
@@ -53,6 +74,13 @@ class GenerationOptions:
     stop: list[str] = field(default_factory=list)
     schedule: str | Schedule | None = None
     relay: dict | None = None  # per-call schedule settings (relay: selector fields and band layers)
+    # Structured output (relay_llm.structured): {"type": "json_schema", "json_schema": {"name", "schema"}} |
+    # {"type": "json_schema", "schema": S} | {"type": "json_object"} | {"type": "text"}
+    response_format: dict | None = None
+    tools: list[dict] | None = None  # OpenAI tool specs [{"type": "function", "function": {...}}]
+    tool_choice: str | dict | None = None  # "auto" (default) | "none" | "required" | "any" | name | {"type": ...}
+    parallel_tool_calls: bool = False  # allow several calls per reply (off by default: small models repeat calls)
+    grammar: structured.Grammar | None = None  # set by `stream` from the fields above: masks each decode step
 
     def check(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -68,9 +96,10 @@ class GenerationOptions:
 @dataclass
 class Result:
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "tool_calls"
     token_ids: list[int]
     stats: RequestStats
+    tool_calls: list[dict] = field(default_factory=list)  # OpenAI shape: {"id", "type", "function": {...}}
 
 
 @dataclass
@@ -81,6 +110,8 @@ class Chunk:
     finish_reason: str | None = None
     stats: RequestStats | None = None
     token_ids: list[int] | None = None  # last chunk only: every generated id
+    tool_call_deltas: list[dict] | None = None  # [{"index", "id", "name", "arguments" delta}]; id/name: 1st only
+    tool_calls: list[dict] | None = None  # last chunk only, when tools were offered: the complete calls
 
 
 class _Done:
@@ -171,10 +202,20 @@ class RelayEngine:
         ensure_template(tokenizer, model.config.model_type)
         self.eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.max_context = self.config.max_context or model.config.max_position_embeddings
-        self.store = SegmentStore(self.config.store_budget_bytes, self.config.min_match_tokens)
+        self.store = SegmentStore(self.config.store_budget_bytes, self.config.min_match_tokens,
+                                  persist_dir=self._persist_folder())
         self.prefix_cache = PrefixCache(self.config.prefix_budget_bytes)
+        self._store_dtype = getattr(torch, self.config.store_dtype) if self.config.store_dtype else None
+        # Prompt chunks stored as prefill segments end at these ids (special tokens, chat turn markers).
+        vocab = tokenizer.get_vocab()
+        self._boundary_ids = set(tokenizer.all_special_ids) | self.eos_ids | {
+            vocab[t] for t in TURN_MARKERS if t in vocab}
+        # kv buffers of a prefill -> (plan, hidden states captured at capture_layer) for `_remember`.
+        self._prompt_notes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._tok_lock = threading.Lock()
         self.set_profile(find_profile(fingerprint))
+        if self.store.files is not None:
+            self.store.load_persisted(self.store_fingerprint)
         self._worker = _Worker()
 
     def set_profile(self, profile: Profile | None) -> None:
@@ -221,9 +262,15 @@ class RelayEngine:
 
     # ---- rendering -----------------------------------------------------------------------------
 
-    def render(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` under the chat template, ending with the generation prompt."""
-        msgs = validate_messages(messages)
+    def render(self, messages: list[dict], tools: list[dict] | None = None,
+               tool_choice: str | dict | None = None) -> list[int]:
+        """Token ids of `messages` under the chat template, ending with the generation prompt.
+
+        Assistant `tool_calls` render as call blocks in the content; `tools` (unless tool_choice is "none")
+        are listed in a system preamble (relay_llm.structured). Pass the same tools to `stream`.
+        """
+        plan = structured.plan_request(tools=tools, tool_choice=tool_choice) if tools else None
+        msgs = structured.template_messages(validate_messages(messages), plan)
         with self._tok_lock:
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -267,10 +314,14 @@ class RelayEngine:
         """Continue a raw prompt (no template): a string or prompt token ids."""
         return self._collect(self.stream(prompt, **opts))
 
-    def stream(self, request: list[dict] | str | list[int], **opts) -> ChunkStream:
+    def stream(self, request: list[dict] | str | list[int], **opts) -> ChunkStream | structured.ToolCallStream:
         """Yield `Chunk` text deltas; the last chunk has `finish_reason`, `stats` and `token_ids`.
 
-        request: chat messages (rendered by the chat template), a raw prompt string, or prompt token ids.
+        request: chat messages (rendered by the chat template), a raw prompt string, or prompt token ids
+        (for a chat with tools, ids from `render(messages, tools, tool_choice)`).
+        Structured output (see GenerationOptions): `response_format` constrains the text to JSON; `tools`
+        (unless tool_choice="none") split the output into text deltas and `tool_call_deltas`, and the
+        last chunk carries `tool_calls` (finish_reason "tool_calls" when calls were made).
         `cancel()` (from any thread) or closing the stream early stops the generation at the next token
         (or before it starts, if still queued), and nothing is stored.
         """
@@ -278,11 +329,20 @@ class RelayEngine:
         if isinstance(options.stop, str):
             options.stop = [options.stop]
         options.check()
+        plan = structured.plan_request(options.response_format, options.tools, options.tool_choice,
+                                       options.parallel_tool_calls)
         schedule = self._make_schedule(options.schedule or self.default_schedule, options.relay)
-        ids = self._ids(request)
+        is_chat = isinstance(request, list) and bool(request) and isinstance(request[0], dict)
+        ids = self.render(request, options.tools, options.tool_choice) if is_chat else self._ids(request)
         self._check_length(len(ids), options.max_new_tokens)
+        spec = plan.grammar_spec()
+        if spec is not None and options.grammar is None:
+            options.grammar = structured.grammar_cache(self).get(spec)
         out, cancel = self._worker.submit(lambda emit, c: self._generate(ids, options, schedule, emit, c))
-        return ChunkStream(out, cancel)
+        if not plan.calls_tools:
+            return ChunkStream(out, cancel)
+        seed = hashlib.sha256(repr((ids, options.seed)).encode()).hexdigest()
+        return structured.ToolCallStream(ChunkStream(out, cancel), seed)
 
     def teacher_force(self, request: list[dict] | str | list[int], continuation_ids: list[int],
                       schedule: str | Schedule = "full", relay: dict | None = None) -> torch.Tensor:
@@ -316,7 +376,7 @@ class RelayEngine:
             parts.append(c.text)
             last = c
         assert last is not None and last.stats is not None
-        return Result("".join(parts), last.finish_reason, last.token_ids or [], last.stats)
+        return Result("".join(parts), last.finish_reason, last.token_ids or [], last.stats, last.tool_calls or [])
 
     def _prefill(self, ids: list[int], capacity: int, schedule: Schedule,
                  stats: RequestStats) -> tuple[torch.Tensor, KVBuffers, PrefillPlan]:
@@ -328,23 +388,25 @@ class RelayEngine:
         n = len(ids)
         kv = ex.new_buffers(capacity)
         plan = PrefillPlan(n_tokens=n, num_layers=ex.num_layers)
-        hit, pk, pv = self.prefix_cache.lookup(ids)
-        plan.prefix_hit = min(hit, n - 1)  # the last prompt token is always computed: we need its logits
+        fp = self.store_fingerprint  # only K/V made by this model, dtype and profile are ever spliced
+        # The last prompt token is always computed: we need its logits.
+        hit, pk, pv = self.prefix_cache.lookup(ids, fp, limit=n - 1)
+        plan.prefix_hit = hit
         if schedule.splice_prefix and plan.prefix_hit:
-            kv.write(0, pk[:, :, : plan.prefix_hit], pv[:, :, : plan.prefix_hit])
+            kv.write(0, pk, pv)
+        found = []
         if all(spec.composable for spec in ex.rope):
-            plan.spans = self.store.find(ids, plan.prefix_hit, n - 1)
+            found = self.store.find(ids, plan.prefix_hit, n - 1, fingerprint=fp, touch=False)
         elif len(self.store):
             stats.fallback = f"RoPE type {ex.rope[0].rope_type!r} cannot be rotated; spans recomputed"
-        fp = self.fingerprint.key()
-        found = [m for m in plan.spans if self.store.get(m.segment_id).fingerprint == fp]
         plan.spans = [m for m in found if schedule.keep_span(m)]
+        self.store.touch(plan.spans)
         notes = [f"{len(found) - len(plan.spans)} span(s) too short to reuse: computed"] if len(found) > len(
             plan.spans) else []
         plan.span_hidden = [self._span_hidden(m) for m in plan.spans]
         if schedule.splice_spans:
             for m in plan.spans:
-                seg = self.store.get(m.segment_id)
+                seg = m.segment
                 keys = seg.keys[:, :, m.offset : m.offset + m.length]
                 delta = m.start - (seg.start_pos + m.offset)
                 if delta:
@@ -352,7 +414,9 @@ class RelayEngine:
                 kv.write(m.start, keys, seg.values[:, :, m.offset : m.offset + m.length])
         ids_t = torch.tensor(ids, dtype=torch.long, device=ex.device)
         layer_plan = schedule.layer_plan(plan, ex)
-        res = ex.run(ids_t, 0, kv, layer_plan)
+        capture = self.capture_layer if self.config.store_prompt else None
+        res = ex.run(ids_t, 0, kv, layer_plan, capture_layer=capture)
+        self._prompt_notes[kv] = (plan, res.captured)
         notes += getattr(layer_plan, "notes", [])
         if notes:
             stats.fallback = "; ".join(([stats.fallback] if stats.fallback else []) + notes)
@@ -363,8 +427,7 @@ class RelayEngine:
         stats.spans = len(plan.spans)
         stats.span_tokens = sum(m.length for m in plan.spans)
         for m in plan.spans:
-            kind = self.store.get(m.segment_id).kind
-            stats.span_kinds[kind] = stats.span_kinds.get(kind, 0) + m.length
+            stats.span_kinds[m.segment.kind] = stats.span_kinds.get(m.segment.kind, 0) + m.length
         stats.reusable_cells = int(layers.numel()) * ex.num_layers
         stats.recomputed_cells = int(layers.sum())
         stats.reused_tokens = int((layers < ex.num_layers).sum())
@@ -372,10 +435,23 @@ class RelayEngine:
         return res.logits[0], kv, plan
 
     def _span_hidden(self, m) -> tuple[int, torch.Tensor] | None:
-        seg = self.store.get(m.segment_id)
+        seg = m.segment if m.segment is not None else self.store.get(m.segment_id)
         if seg.hidden is None:
             return None
         return seg.hidden_layer, seg.hidden[m.offset : m.offset + m.length]
+
+    @property
+    def store_fingerprint(self) -> str:
+        """What stored K/V must carry to be spliced here: model weights, dtype and profile version."""
+        profile = self.profile.version_key if getattr(self, "profile", None) else "no-profile"
+        return f"{self.fingerprint.key()}|{profile}"
+
+    def _persist_folder(self) -> str | None:
+        """persist_dir/<hash of the model fingerprint>: one folder per model and dtype (None: no persistence)."""
+        if not self.config.persist_dir:
+            return None
+        digest = hashlib.sha256(self.fingerprint.key().encode()).hexdigest()[:16]
+        return os.path.join(self.config.persist_dir, f"{self.fingerprint.architecture}-{digest}")
 
     def _generate(self, ids: list[int], opts: GenerationOptions, schedule: Schedule,
                   emit: Callable, cancel: threading.Event) -> None:
@@ -392,12 +468,17 @@ class RelayEngine:
         emitted = 0
         hold = max((len(s) for s in opts.stop), default=1) - 1
         finish = "length"
+        constraint = opts.grammar.matcher() if opts.grammar is not None else None
         while True:
+            if constraint is not None:
+                constraint.mask(logits)  # tokens the grammar forbids next -> -inf
             tok = _sample(logits, opts, gen)
             if not generated:
                 stats.ttft_s = time.perf_counter() - t0
             generated.append(tok)
-            if tok in self.eos_ids:
+            if constraint is not None and not constraint.accept(tok):
+                raise RuntimeError(f"the grammar rejected token {tok} although it was sampled under its mask")
+            if tok in self.eos_ids or (constraint is not None and constraint.terminated):
                 finish = "stop"
                 break
             text = self._decode(generated)
@@ -434,22 +515,46 @@ class RelayEngine:
 
     def _remember(self, ids: list[int], generated: list[int], kv: KVBuffers, hidden: torch.Tensor,
                   plan: PrefillPlan | None) -> None:
-        """Store the output as a Segment, and the exact part of the sequence in the prefix cache.
+        """Store the prompt's new chunks and the output as Segments, and the exact part of the sequence in
+        the prefix cache.
 
         plan: the prefill's plan if stored spans were spliced into it (their K/V are approximate).
         """
         n = len(ids)
+        fp = self.store_fingerprint
+        note = self._prompt_notes.pop(kv, None)
+        if note is not None and self.config.store_prompt:
+            self._remember_prompt(ids, kv, *note)
         body = generated[:-1] if generated[-1] in self.eos_ids else generated
         if body:
             keys, values = kv.slice(n, n + len(body))
-            self.store.add(Segment(
-                token_ids=torch.tensor(body, dtype=torch.long), keys=keys, values=values, start_pos=n,
-                fingerprint=self.fingerprint.key(), kind="decode", hidden=hidden[: len(body)].clone(),
-                hidden_layer=self.capture_layer,
-            ))
+            self.store.add(self._segment(body, keys, values, n, hidden[: len(body)], "decode"))
         # K/V are exact (equal to a full prefill) only up to the first spliced span.
         exact = plan.spans[0].start if plan and plan.spans else n + len(generated)
-        self.prefix_cache.add((ids + generated)[:exact], *kv.slice(0, exact))
+        self.prefix_cache.add((ids + generated)[:exact], kv.keys[:, :, :exact], kv.values[:, :, :exact], fp)
+
+    def _remember_prompt(self, ids: list[int], kv: KVBuffers, plan: PrefillPlan,
+                         captured: torch.Tensor | None) -> None:
+        """Keep the prompt's freshly computed stretches (one per message, see `matcher.chunk_bounds`) as
+        prefill segments. Prefix-hit and span tokens are skipped: they are stored already."""
+        cfg = self.config
+        computed = (~plan.reusable_mask()).tolist()
+        for s, e in chunk_bounds(ids, computed, self._boundary_ids, max(cfg.prompt_segment_min_tokens, self.store.k),
+                                 cfg.prompt_segment_max_tokens):
+            keys, values = kv.slice(s, e)
+            hidden = captured[s:e] if captured is not None else None
+            self.store.add(self._segment(ids[s:e], keys, values, s, hidden, "prefill"))
+
+    def _segment(self, ids: list[int], keys: torch.Tensor, values: torch.Tensor, start: int,
+                 hidden: torch.Tensor | None, kind: str) -> Segment:
+        """A Segment of this engine (its fingerprint, capture layer and store dtype)."""
+        dt = self._store_dtype
+        if dt is not None:
+            keys, values = keys.to(dt), values.to(dt)
+            hidden = hidden.to(dt) if hidden is not None else None
+        return Segment(token_ids=torch.tensor(ids, dtype=torch.long), keys=keys, values=values, start_pos=start,
+                       fingerprint=self.store_fingerprint, kind=kind,
+                       hidden=hidden.clone() if hidden is not None else None, hidden_layer=self.capture_layer)
 
     def _teacher_force(self, ids: list[int], cont: list[int], schedule: Schedule) -> torch.Tensor:
         ex = self.executor

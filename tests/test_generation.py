@@ -70,16 +70,16 @@ def test_prompt_over_context_is_refused(tiny):
     assert tiny.complete([5] * 10, max_new_tokens=2).stats.completion_tokens == 2
 
 
-def _segment(n: int) -> Segment:
-    return Segment(token_ids=torch.arange(n), keys=torch.zeros(2, 1, n, 4), values=torch.zeros(2, 1, n, 4),
-                   start_pos=0, fingerprint="x")
+def _segment(n: int, first: int = 0) -> Segment:
+    return Segment(token_ids=torch.arange(first, first + n), keys=torch.zeros(2, 1, n, 4),
+                   values=torch.zeros(2, 1, n, 4), start_pos=0, fingerprint="x")
 
 
 def test_store_never_exceeds_its_budget():
     one = _segment(20).nbytes
     store = SegmentStore(budget_bytes=int(3.5 * one), min_match_tokens=4)
-    for _i in range(10):
-        assert store.add(_segment(20))
+    for i in range(10):
+        assert store.add(_segment(20, first=1000 * i))  # distinct contents (equal ones are stored once)
         assert store.stats.bytes <= store.budget_bytes
     assert len(store) == 3 and store.stats.evictions == 7
     assert not store.add(_segment(200))  # larger than the whole budget: refused, nothing evicted
@@ -93,7 +93,7 @@ def test_store_evicts_least_recently_used():
     store.add(a)
     store.add(b)
     assert store.find(list(range(10)), 0, 10)  # touches a
-    store.add(_segment(10))  # evicts b, the least recently used
+    assert store.add(_segment(10, first=500))  # evicts b, the least recently used
     assert store.get(a.id) is not None and store.get(b.id) is None
     assert not store.find(list(range(100, 110)), 0, 10)  # its index entries went with it
 

@@ -56,7 +56,8 @@ class ServerState:
         engine = self.engine
         try:
             is_chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-            ids = engine.render(prompt) if is_chat else engine.encode(prompt)
+            ids = engine.render(prompt, kwargs.get("tools"), kwargs.get("tool_choice")) if is_chat else engine.encode(
+                prompt)
             if max_tokens is None:
                 max_tokens = max(1, min(self.default_max_tokens, engine.max_context - len(ids)))
             return engine.stream(ids, max_new_tokens=max_tokens, **kwargs)
@@ -111,7 +112,7 @@ async def generate(request: Request, state: ServerState, prompt: list[dict] | st
             raise from_engine_error(exc) from None
         raise
     end(last.stats)
-    return JSONResponse(shape.full(text, last.finish_reason, last.stats))
+    return JSONResponse(shape.full(text, last.finish_reason, last.stats, tool_calls=last.tool_calls))
 
 
 def _model_card(state: ServerState) -> dict:

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
+from relay_llm import structured
 from relay_llm.engine import GenerationOptions
 
 from .errors import bad_request, unsupported
-from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, RelayOptions, SamplingFields, ToolCall
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, RelayOptions, SamplingFields
 
 ROLE_MAP = {"developer": "system"}  # OpenAI's newer name for the system role
-
-
-def tool_calls_text(calls: list[ToolCall]) -> str:
-    """Render an assistant's tool calls as text for the chat template (Hermes / Qwen style tags).
-
-    Arguments that are valid JSON are embedded as JSON objects; anything else is kept as a string.
-    """
-    parts = []
-    for call in calls:
-        try:
-            args = json.loads(call.function.arguments) if call.function.arguments else {}
-        except json.JSONDecodeError:
-            args = call.function.arguments
-        payload = json.dumps({"name": call.function.name, "arguments": args}, ensure_ascii=False)
-        parts.append(f"<tool_call>\n{payload}\n</tool_call>")
-    return "\n".join(parts)
 
 
 def _content_text(msg: ChatMessage, index: int) -> str:
@@ -45,16 +29,18 @@ def _content_text(msg: ChatMessage, index: int) -> str:
 
 
 def engine_messages(messages: list[ChatMessage]) -> list[dict]:
-    """OpenAI chat messages -> the engine's {"role", "content"} dicts (tool calls rendered as text)."""
+    """OpenAI chat messages -> the engine's {"role", "content", ["tool_calls"]} dicts.
+
+    Assistant tool calls pass through in OpenAI shape; the engine renders them into the prompt.
+    """
     out = []
     for i, msg in enumerate(messages):
-        text = _content_text(msg, i)
+        item = {"role": ROLE_MAP.get(msg.role, msg.role), "content": _content_text(msg, i)}
         if msg.tool_calls:
             if msg.role != "assistant":
                 raise bad_request("only assistant messages may carry tool_calls", param=f"messages.{i}.tool_calls")
-            calls = tool_calls_text(msg.tool_calls)
-            text = f"{text}\n{calls}" if text else calls
-        out.append({"role": ROLE_MAP.get(msg.role, msg.role), "content": text})
+            item["tool_calls"] = [c.model_dump(exclude_none=True) for c in msg.tool_calls]
+        out.append(item)
     return out
 
 
@@ -71,18 +57,32 @@ def engine_prompt(req: CompletionRequest) -> str | list[int]:
 
 
 def structured_kwargs(req: ChatCompletionRequest) -> dict:
-    """Engine kwargs for `tools`, `tool_choice` and `response_format`.
+    """Engine kwargs for `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` (OpenAI shapes,
+    passed through as dicts), checked by the engine's own validation (ValueError -> 400 naming the field)."""
+    kwargs: dict = {}
+    if req.tools:
+        kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+    if req.tool_choice is not None:
+        choice = req.tool_choice
+        kwargs["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump(exclude_none=True)
+    if req.parallel_tool_calls is not None:
+        kwargs["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.response_format is not None:
+        kwargs["response_format"] = req.response_format.model_dump(by_alias=True, exclude_none=True)
+    try:
+        structured.plan_request(kwargs.get("response_format"), kwargs.get("tools"), kwargs.get("tool_choice"),
+                                kwargs.get("parallel_tool_calls", False))
+    except ValueError as exc:
+        raise bad_request(str(exc), param=structured_param(str(exc))) from None
+    return kwargs
 
-    Structured generation (constrained decoding) is not in the engine yet, so any request that needs
-    it is refused here. Wire the engine's structured-generation options in this one function.
-    """
-    if req.tools and req.tool_choice != "none":
-        raise unsupported("tools are not available yet: structured generation is not implemented in this server",
-                          param="tools")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise unsupported(f"response_format {req.response_format.type!r} is not available yet: structured "
-                          "generation is not implemented in this server", param="response_format")
-    return {}
+
+def structured_param(message: str) -> str | None:
+    """The request field a structured-output error message is about."""
+    for field in ("response_format", "tool_choice", "parallel_tool_calls", "tools"):
+        if field in message or (field == "tools" and "tool" in message):
+            return field
+    return None
 
 
 def relay_kwargs(opts: RelayOptions | None) -> dict:

@@ -65,6 +65,9 @@ def from_engine_error(exc: Exception) -> APIError:
     text = str(exc)
     if "exceeds the model's context" in text:
         return APIError(400, text, code="context_length_exceeded", param="messages")
+    if "grammar engine" in text or "response_format" in text or "tool" in text:  # structured output
+        param = "response_format" if "response_format" in text else "tools"
+        return APIError(400, text, code="invalid_value", param=param)
     if "schedule" in text or "relay" in text or "profile" in text:
         return APIError(400, text, code="invalid_value", param="relay")
     return APIError(400, text, code="invalid_value")

@@ -55,8 +55,11 @@ class ChatShape(_Shape):
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     chunk_object = "chat.completion.chunk"
 
-    def full(self, text: str, finish_reason: str, stats: RequestStats) -> dict:
-        message = {"role": "assistant", "content": text, "refusal": None}
+    def full(self, text: str, finish_reason: str, stats: RequestStats, tool_calls: list[dict] | None = None) -> dict:
+        """The whole response; with `tool_calls` (engine shape = OpenAI shape), content is null when empty."""
+        message = {"role": "assistant", "content": text or (None if tool_calls else ""), "refusal": None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("chat.completion"), "choices": [choice], "usage": usage(stats),
                 "relay": relay_stats(stats)}
@@ -67,6 +70,18 @@ class ChatShape(_Shape):
 
     def delta_chunk(self, text: str) -> dict:
         return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+
+    def tool_delta_chunk(self, deltas: list[dict]) -> dict:
+        """OpenAI tool-call deltas from the engine's [{"index", "id", "name", "arguments"}]: a call's first
+        delta carries its id, type and name, later ones only arguments text."""
+        calls = []
+        for d in deltas:
+            call: dict = {"index": d["index"], "function": {"arguments": d["arguments"]}}
+            if d.get("id"):
+                call.update(id=d["id"], type="function")
+                call["function"]["name"] = d["name"]
+            calls.append(call)
+        return self._chunk([{"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}])
 
     def finish_chunk(self, finish_reason: str, stats: RequestStats) -> dict:
         body = self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}])
@@ -79,7 +94,7 @@ class CompletionShape(_Shape):
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     chunk_object = "text_completion"
 
-    def full(self, text: str, finish_reason: str, stats: RequestStats) -> dict:
+    def full(self, text: str, finish_reason: str, stats: RequestStats, tool_calls: list[dict] | None = None) -> dict:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage(stats),
                 "relay": relay_stats(stats)}

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from fastapi import Request
@@ -20,7 +21,7 @@ from fastapi import Request
 from relay_llm import Chunk
 
 from .errors import error_body, error_type
-from .responses import Shape
+from .responses import ChatShape, Shape
 
 log = logging.getLogger("relay_server")
 
@@ -41,6 +42,7 @@ class ChunkPump:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._stop = threading.Event()
         self.closed = threading.Event()  # set once the engine iterator is closed (generation over or cancelled)
+        self._polled = time.monotonic()  # when the client connection was last checked
         threading.Thread(target=self._run, name="relay-server-pump", daemon=True).start()
 
     def _run(self) -> None:
@@ -79,11 +81,14 @@ class ChunkPump:
     async def get(self, request: Request | None = None) -> Chunk | None:
         """The next chunk, or None at the end. Raises the engine's exception, or ClientDisconnected."""
         while True:
+            # Poll for a disconnect at least every DISCONNECT_POLL_S, also while chunks keep arriving.
+            if request is not None and time.monotonic() - self._polled >= DISCONNECT_POLL_S:
+                self._polled = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientDisconnected()
             try:
                 item = await asyncio.wait_for(self._queue.get(), DISCONNECT_POLL_S if request else None)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ClientDisconnected() from None
                 continue
             if item is _END:
                 return None
@@ -117,7 +122,7 @@ DONE = sse("[DONE]")
 
 async def sse_events(pump: ChunkPump, request: Request, shape: Shape,
                      on_finish: Callable[[Chunk], None]) -> AsyncIterator[str]:
-    """OpenAI stream: [role chunk], content deltas, finish chunk, [usage chunk], [DONE].
+    """OpenAI stream: [role chunk], content and tool-call deltas, finish chunk, [usage chunk], [DONE].
 
     A failure after the response started becomes an error event followed by [DONE]. A client
     disconnect (Starlette cancels this generator, or a poll notices it) cancels the generation.
@@ -129,6 +134,8 @@ async def sse_events(pump: ChunkPump, request: Request, shape: Shape,
         while (chunk := await pump.get(request)) is not None:
             if chunk.text:
                 yield sse(shape.delta_chunk(chunk.text))
+            if chunk.tool_call_deltas and isinstance(shape, ChatShape):
+                yield sse(shape.tool_delta_chunk(chunk.tool_call_deltas))
             if chunk.finish_reason is not None and chunk.stats is not None:
                 on_finish(chunk)
                 yield sse(shape.finish_chunk(chunk.finish_reason, chunk.stats))

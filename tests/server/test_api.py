@@ -194,17 +194,6 @@ def test_tool_call_history_renders(client, server_engine):
     assert res.usage.prompt_tokens == len(server_engine.render(rendered))
 
 
-@pytest.mark.parametrize("extra", [
-    {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]},
-    {"response_format": {"type": "json_object"}},
-    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-])
-def test_structured_generation_not_available_yet(client, extra):
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=msgs("JSON please."), max_tokens=3, **extra)
-    assert err.value.code == "unsupported_feature" and err.value.body["param"] in ("tools", "response_format")
-
-
 def test_tools_with_tool_choice_none_are_ignored(client):
     res = client.chat.completions.create(
         model=MODEL, messages=msgs("No tools."), max_tokens=2, tool_choice="none", temperature=0, extra_body=FULL,

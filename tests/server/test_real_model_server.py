@@ -30,5 +30,7 @@ def test_quoted_output_is_reported_as_cached_tokens(default_engine):
     relay = reviewer.model_extra["relay"]
     cached = reviewer.usage.prompt_tokens_details.cached_tokens
     assert relay["spans"] >= 1 and relay["span_tokens"] >= 16
-    assert cached == relay["reused_tokens"] >= relay["span_tokens"]
-    assert cached > relay["prefix_hit_tokens"]  # more than the shared turn header: the quoted output
+    # under the default relay schedule a few span tokens (the selected ones) are recomputed at every
+    # layer and so do not count as reused; all the others do
+    assert cached == relay["reused_tokens"] > relay["prefix_hit_tokens"]  # the quoted output is in there
+    assert relay["reused_tokens"] - relay["prefix_hit_tokens"] >= relay["span_tokens"] // 2

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         kl = (full.exp() * (full - lp)).sum(-1)
         reset(layer)
         stats = e.complete(prompt, max_new_tokens=1, schedule=name, relay=settings).stats
+        if stats.span_tokens == 0:
+            raise RuntimeError(f"{name} {settings}: the stored span was not found in the prompt")
         print(f"| {name} | {settings or ''} | {kl.mean():.4f} | {kl.max():.3f} | {stats.reuse_rate:.0%} |", flush=True)
 
     row("naive")

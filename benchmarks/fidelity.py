@@ -72,7 +72,7 @@ def make_segment(engine: RelayEngine, span: list[int]) -> Segment:
     run = ex.run(torch.tensor(head + span, device=ex.device), 0, kv, capture_layer=engine.capture_layer)
     keys, values = kv.slice(len(head), len(head) + len(span))
     return Segment(token_ids=torch.tensor(span), keys=keys, values=values, start_pos=len(head),
-                   fingerprint=engine.fingerprint.key(), kind="decode",
+                   fingerprint=engine.store_fingerprint, kind="decode",
                    hidden=run.captured[len(head):].clone(), hidden_layer=engine.capture_layer)
 
 
@@ -95,6 +95,8 @@ def measure_setting(engine: RelayEngine, prompt: list[int], seg: Segment, repeat
         kl = (full_lp.exp() * (full_lp - lp)).sum(-1)
         fresh(engine, seg)
         own = engine.complete(prompt, max_new_tokens=STEPS, schedule=name, relay=settings)
+        if name != "full" and own.stats.span_tokens == 0:
+            raise RuntimeError(f"{label}: the stored span was not found in the prompt")
         pairs = zip(own.token_ids, ref, strict=False)
         same = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ref), len(own.token_ids)))
         rows[label] = {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()),

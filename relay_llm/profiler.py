@@ -12,15 +12,16 @@ Band rule (justified by the data in the profile and the sweep in docs/fidelity.m
 * start = the deepest layer s such that every layer up to s keeps value-cosine >= `entry_cos` (0.995).
   Span tokens enter the band with the upstream residual stream of layer s; a layer's value deviation
   is that residual's deviation seen through W_v, so an entry state already off by cos 0.99 carries the
-  upstream context into every later layer. Measured on gemma-3-270m (1000-token span, long new prefix):
-  entering at layer 1 instead of 0 at equal reuse doubled the KL (0.011 vs 0.006).
+  upstream context into every later layer. Measured on gemma-3-270m (benchmarks/band_sweep.py, 1000-token
+  span behind a long new prefix), at equal reuse: entering at layer 1 instead of 0 raised the KL 8-23 %,
+  at layer 2 30-75 %, at layer 6 to 0.0142, close to no repair (0.0165).
 * end = the last layer whose deviation is >= `tail_fraction` (0.25) of the largest: a late dip that
   matters is inside the band, a negligible tail is reused as-is.
 * det = the earliest layer after start whose per-token deviation rank-correlates with the all-layer
   total at >= `det_fraction` (0.6) of the best layer in the band. Every span token is recomputed from
   start to det (the dominant cost), and at det == start the recomputed values would equal the reused
   ones (same entry state), so det > start; past the first informative layer, a later det buys little
-  fidelity for much compute (gemma-3-270m: det 1 KL 0.0060 at 68 % reuse, det 2 0.0043 at 62 %).
+  fidelity for much compute (gemma-3-270m: det 1 KL 0.0093 at 68 % reuse, det 2 0.0073 at 62 %).
 """
 
 from __future__ import annotations

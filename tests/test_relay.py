@@ -179,3 +179,15 @@ def test_profiler_runs_on_a_tiny_model(tiny_engines):
         assert engine.default_schedule == "relay" and engine.capture_layer == profile.start_layer
     finally:
         engine.set_profile(None)
+
+
+def test_profile_command_writes_a_loadable_profile_and_plot(tiny_dirs, tmp_path, capsys):
+    from relay_llm.cli import main
+    from relay_llm.loading import load
+
+    out = tmp_path / "p.json"
+    assert main(["profile", "--model", str(tiny_dirs["qwen3"]), "--out", str(out), "--max-new-tokens", "20"]) == 0
+    _, _, fp = load(str(tiny_dirs["qwen3"]))
+    profile = Profile.load(out, fp)
+    assert profile.measurements["handoffs"] == 24 and out.with_suffix(".png").exists()
+    assert f"profile saved to {out}" in capsys.readouterr().out

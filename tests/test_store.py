@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,8 @@ from relay_llm.profiler import Profile
 from relay_llm.store import PrefixCache, Segment, SegmentStore
 
 from .test_matching import DOC, SPEC_ANSWER, relay_answer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the subprocess imports relay_llm from here
 
 
 def seg(ids, kind: str = "decode", fp: str = "fp", width: int = 4) -> Segment:
@@ -331,7 +334,7 @@ def test_persistence_survives_a_restart_in_a_subprocess(tiny_dirs, tmp_path):
         e.close()
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          cwd=REPO, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     e = persisted_engine(tiny_dirs, tmp_path)

@@ -33,4 +33,4 @@ def test_quoted_output_is_reported_as_cached_tokens(default_engine):
     # under the default relay schedule a few span tokens (the selected ones) are recomputed at every
     # layer and so do not count as reused; all the others do
     assert cached == relay["reused_tokens"] > relay["prefix_hit_tokens"]  # the quoted output is in there
-    assert relay["reused_tokens"] - relay["prefix_hit_tokens"] >= relay["span_tokens"] // 2
+    assert 0 < relay["reuse_rate"] < 1

@@ -16,6 +16,7 @@ import asyncio
 import json
 import socket
 import statistics
+import sys
 import threading
 import time
 
@@ -76,12 +77,16 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
+    t0 = time.perf_counter()
     app = create_app(args.model, dtype=args.dtype)
     server, base_url = start_server(app)
     model = app.state.relay.model_id
+    print(f"# {model} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     asyncio.run(level(base_url, model, 1, 1, 2))  # warm-up
-    rows = [asyncio.run(level(base_url, model, int(c), args.requests, args.max_tokens))
-            for c in args.concurrency.split(",")]
+    rows = []
+    for c in args.concurrency.split(","):
+        rows.append(asyncio.run(level(base_url, model, int(c), args.requests, args.max_tokens)))
+        print(f"# {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # progress, in case the run is cut short
     server.should_exit = True
     print("| clients | requests | max tokens | requests/s | p50 TTFT (s) | p95 TTFT (s) |")
     print("|---|---|---|---|---|---|")

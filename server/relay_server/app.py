@@ -23,7 +23,16 @@ from .convert import chat_kwargs, completion_kwargs, engine_messages, engine_pro
 from .errors import APIError, from_engine_error, install_handlers
 from .middleware import BearerAuth, BodyLimit, RequestMetrics
 from .responses import ChatShape, CompletionShape, Shape
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from .streaming import ChunkPump, ClientDisconnected, collect, sse_events
 
 log = logging.getLogger("relay_server")
@@ -115,6 +124,24 @@ async def generate(request: Request, state: ServerState, prompt: list[dict] | st
     return JSONResponse(shape.full(text, last.finish_reason, last.stats, tool_calls=last.tool_calls))
 
 
+def _errors(*statuses: int) -> dict:
+    """OpenAPI declarations of the OpenAI-shaped error bodies a route can return ("4XX" stands for the rest,
+    and keeps FastAPI from declaring a 422 that the app never sends: validation errors are 400s)."""
+    described = {400: "invalid request (malformed body, bad value, prompt over the context)",
+                 401: "missing or wrong API key (when the server has one)", 404: "unknown model or path",
+                 413: "request body too large"}
+    out: dict = {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}
+    out["4XX"] = {"model": ErrorResponse, "description": "another client error"}
+    return out
+
+
+def _generation(model: type) -> dict:
+    """A generation route's 200: JSON, or an SSE stream of chunks when the request sets `stream`."""
+    sse = {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}}
+    return {200: {"model": model, "description": "the completion; an SSE stream when `stream` is true",
+                  "content": {"text/event-stream": sse}}, **_errors(400, 401, 404, 413)}
+
+
 def _model_card(state: ServerState) -> dict:
     return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "relay-llm"}
 
@@ -142,7 +169,7 @@ def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str |
     app.state.relay = state
     install_handlers(app)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=_generation(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = state.resolve_model(body.model)
         kwargs = chat_kwargs(body)
@@ -152,7 +179,7 @@ def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str |
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await generate(request, state, messages, max_tokens, kwargs, shape, bool(body.stream))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=_generation(Completion))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = state.resolve_model(body.model)
         kwargs = completion_kwargs(body)
@@ -161,20 +188,22 @@ def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str |
         shape = CompletionShape(model=model, system_fingerprint=state.system_fingerprint, include_usage=include_usage)
         return await generate(request, state, prompt, body.max_tokens, kwargs, shape, bool(body.stream))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))
     async def list_models() -> dict:
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_errors(401, 404))
     async def get_model(model: str) -> dict:
         state.resolve_model(model)
         return _model_card(state)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> dict:
         return {"status": "ok", "model": state.model_id, "generations_in_flight": state.metrics.in_flight}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format", "content": {prom.CONTENT_TYPE: {}}},
+        **_errors(401)})
     async def metrics() -> PlainTextResponse:
         text = state.metrics.render(state.engine.store.stats, state.engine.prefix_cache.bytes)
         return PlainTextResponse(text, media_type=prom.CONTENT_TYPE)

@@ -121,3 +121,101 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     logprobs: int | None = None
     best_of: int | None = None
+
+
+# Response bodies: declared in the OpenAPI schema (the handlers build plain dicts, see responses.py).
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int = Field(..., ge=0, description="prompt tokens whose stored K/V was reused")
+
+
+class Usage(_Out):
+    prompt_tokens: int = Field(..., ge=0)
+    completion_tokens: int = Field(..., ge=0)
+    total_tokens: int = Field(..., ge=0)
+    prompt_tokens_details: PromptTokensDetails
+
+
+class OutFunctionCall(_Out):
+    name: str
+    arguments: str
+
+
+class OutToolCall(_Out):
+    id: str
+    type: Literal["function"]
+    function: OutFunctionCall
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: None = None
+    tool_calls: list[OutToolCall] | None = None
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str
+
+
+class _Completed(_Out):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+    usage: Usage
+    relay: dict[str, Any] = Field(..., description="extension: the engine's stats for this request (reuse rate, "
+                                  "recomputed cells, TTFT, schedule, fallbacks)")
+
+
+class ChatCompletion(_Completed):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class Completion(_Completed):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(_Out):
+    status: Literal["ok"]
+    model: str
+    generations_in_flight: int = Field(..., ge=0)
+
+
+class ErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Out):
+    error: ErrorDetail

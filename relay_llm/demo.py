@@ -11,7 +11,6 @@ schedules and how long the two outputs stay identical.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import textwrap
 import time
@@ -27,6 +26,7 @@ from .templates import CHATML_TEMPLATE, GEMMA_TEMPLATE
 # whose texts read well with the sampling settings below.
 DEFAULT_MAX_NEW_TOKENS = 96
 DEFAULT_SEED = 1
+DEFAULT_REPEATS = 5  # TTFT timings per agent and schedule
 
 TASK = ("a command-line to-do list. The user types add TEXT to add a task, list to see all tasks with "
         "their numbers, and done N to mark task N as done. The tasks are saved in tasks.json.")
@@ -176,8 +176,8 @@ class Call:
 class AgentRow:
     """One line of the demo table: an agent's full-prefill call next to its reuse call.
 
-    ttft_full_s / ttft_reuse_s: median time to first token of the agent's prompt under each schedule,
-    timed back to back in the reuse run's state (see `run_demo`); the calls' own TTFTs are in full/reuse.
+    ttft_full_s / ttft_reuse_s: best time to first token of the agent's prompt under each schedule,
+    timed back to back in the reuse run's state (see `time_ttft`); the calls' own TTFTs are in full/reuse.
     """
 
     agent: str
@@ -292,11 +292,12 @@ def reset(engine: RelayEngine) -> None:
 
 def time_ttft(engine: RelayEngine, request: list[dict] | str, schedules: tuple[str, ...], first_id: int,
               repeats: int) -> dict[str, float]:
-    """Median seconds from request to first-token logits of `request`, per schedule.
+    """Best of `repeats` timings, per schedule, of request to first-token logits of `request` (s).
 
     Uses `teacher_force` on one token, which prefills exactly as a chat call does but stores nothing,
     so the samples leave the store and prefix cache as they were. Schedules alternate, in reversed
-    order every other round, so a change in machine load hits all of them alike.
+    order every other round, so a change in machine load hits all of them alike; the minimum is
+    kept because other processes on a shared CPU only ever add time.
     """
     samples: dict[str, list[float]] = {s: [] for s in schedules}
     for r in range(repeats):
@@ -304,12 +305,13 @@ def time_ttft(engine: RelayEngine, request: list[dict] | str, schedules: tuple[s
             t0 = time.perf_counter()
             engine.teacher_force(request, [first_id], schedule=name)
             samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: min(v) for name, v in samples.items()}
 
 
 def run_demo(engine: RelayEngine, schedule: str = "naive", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             repeats: int = 3, sampling: Sampling | None = None, template: str = "auto", task: str = TASK,
-             agents: tuple[Agent, ...] = AGENTS, progress: Progress | None = None) -> DemoResult:
+             repeats: int = DEFAULT_REPEATS, sampling: Sampling | None = None, template: str = "auto",
+             task: str = TASK, agents: tuple[Agent, ...] = AGENTS,
+             progress: Progress | None = None) -> DemoResult:
     """Run the pipeline with the `full` schedule, then with `schedule`, on identical prompts.
 
     Full run: each agent's prompt pastes in the outputs the earlier agents produced in this run; these
@@ -395,8 +397,8 @@ def format_table(result: DemoResult) -> str:
     for r in result.rows:
         lines.append((
             r.agent, str(r.reuse.prompt_tokens), str(r.reuse.reused_tokens), str(r.reuse.output_span_tokens),
-            f"{r.ttft_full_s:.3f} s",
-            f"{r.ttft_reuse_s:.3f} s", f"{r.speedup:.2f}x", f"{r.agree_tokens}/{len(r.full.token_ids)}",
+            f"{r.ttft_full_s:.3f} s", f"{r.ttft_reuse_s:.3f} s", f"{r.speedup:.2f}x",
+            f"{r.agree_tokens}/{len(r.full.token_ids)}",
         ))
     widths = [max(len(row[c]) for row in (head, *lines)) for c in range(len(head))]
 
@@ -418,9 +420,10 @@ def explain(result: DemoResult) -> str:
         "Reuse comes only from the reuse run: it starts with an empty store and prefix cache. An output "
         "it sampled differently from the full run was generated again with full prefill and the same "
         f"seed before the next agent, so the store holds the text that agent quotes (replayed: {replayed}).",
-        f"TTFT: median of {result.repeats} request-to-first-token-logits timings per schedule, taken back "
+        f"TTFT: best of {result.repeats} request-to-first-token-logits timings per schedule, taken back "
         f"to back and alternating full / {result.schedule} on the same prompt in the same store state "
-        "(they store nothing), after a warm-up; the CPU is shared, so small differences are noise.",
+        "(they store nothing), after a warm-up. On a shared CPU other processes add time at random: "
+        "read small differences as noise.",
         "Reused tok: prompt tokens whose stored K/V was used instead of computing them: prefix-cache "
         "hits, text seen in an earlier prompt of the run (such as shared few-shot examples) and earlier "
         "outputs; from outputs: the tokens found in earlier agents' generated outputs.",
@@ -442,8 +445,9 @@ def format_outputs(result: DemoResult) -> str:
 
 
 def main(model: str = "default", dtype: str = "auto", schedule: str | None = None,
-         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int = DEFAULT_SEED, repeats: int = 3,
-         template: str = "auto", quiet: bool = False, out: TextIO | None = None) -> int:
+         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int = DEFAULT_SEED,
+         repeats: int = DEFAULT_REPEATS, template: str = "auto", quiet: bool = False,
+         out: TextIO | None = None) -> int:
     """Load the model, run the demo, print the agents' outputs, the table and the notes; exit code."""
     out = out if out is not None else sys.stdout
     progress = Progress(enabled=not quiet)
@@ -453,14 +457,13 @@ def main(model: str = "default", dtype: str = "auto", schedule: str | None = Non
     progress.done(f"{engine.executor.dtype}, {time.perf_counter() - t0:.1f} s")
     try:
         result = run_demo(engine, schedule=schedule or engine.default_schedule, max_new_tokens=max_new_tokens,
-                          repeats=repeats,
-                          sampling=Sampling(seed=seed), template=template, progress=progress)
+                          repeats=repeats, sampling=Sampling(seed=seed), template=template, progress=progress)
     finally:
         engine.close()
     print(format_outputs(result), file=out)
     print(file=out)
     print(f"Architect -> Developer -> Reviewer on {model!r} ({result.template} prompts, at most "
-          f"{max_new_tokens} new tokens per agent): full prefill vs {schedule!r} reuse", file=out)
+          f"{max_new_tokens} new tokens per agent): full prefill vs {result.schedule!r} reuse", file=out)
     print(format_table(result), file=out)
     print(explain(result), file=out)
     print(f"(demo took {result.wall_s:.0f} s)", file=out)

@@ -17,7 +17,7 @@ def _call(ids: list[int], prompt: int, reused: int, ttft: float) -> demo.Call:
 
 def test_cli_demo_defaults():
     args = cli.build_parser().parse_args(["demo"])
-    assert (args.model, args.schedule, args.dtype, args.repeats) == ("default", "naive", "auto", 3)
+    assert (args.model, args.dtype, args.repeats) == ("default", "auto", demo.DEFAULT_REPEATS)
     assert (args.seed, args.max_new_tokens) == (demo.DEFAULT_SEED, demo.DEFAULT_MAX_NEW_TOKENS)
     assert args.template == "auto" and args.run is not None
 
@@ -84,3 +84,21 @@ def test_demo_pipeline_end_to_end(default_engine):
     out = io.StringIO()
     print(demo.format_table(result), file=out)
     assert all(r.agent in out.getvalue() for r in result.rows)
+
+
+def test_progress_lines():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    plain, tty = io.StringIO(), Tty()
+    for stream in (plain, tty):
+        p = demo.Progress(stream)
+        p.start("[full 1/3] Architect")
+        p.tick(5, 96)
+        p.done("67 tokens")
+    assert plain.getvalue() == "[full 1/3] Architect: 67 tokens\n"
+    assert "5/96 tokens" in tty.getvalue() and tty.getvalue().endswith("Architect: 67 tokens\n")
+    quiet = io.StringIO()
+    demo.Progress(quiet, enabled=False).done("x")
+    assert quiet.getvalue() == ""

@@ -25,19 +25,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from .demo import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED
+    from .demo import DEFAULT_MAX_NEW_TOKENS, DEFAULT_REPEATS, DEFAULT_SEED
     from .schedules import SCHEDULES
 
     _add_model_args(p)
     p.add_argument("--schedule", default=None, choices=[s for s in SCHEDULES if s != "full"],
-                   help="reuse schedule compared with full prefill (default: the engine's, i.e. relay when the "
-                   "model has a profile, else naive)")
+                   help="reuse schedule compared with full prefill (default: the engine's, i.e. relay "
+                   "when the model has a profile, else naive)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"most tokens generated per agent (default: {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"sampling seed; agent i uses seed + i (default: {DEFAULT_SEED})")
-    p.add_argument("--repeats", type=_positive_int, default=3,
-                   help="TTFT timings per agent and schedule; the median is shown (default: 3)")
+    p.add_argument("--repeats", type=_positive_int, default=DEFAULT_REPEATS,
+                   help=f"TTFT timings per agent and schedule; the best is shown "
+                   f"(default: {DEFAULT_REPEATS})")
     p.add_argument("--template", default="auto", choices=("auto", "plain", "chat"),
                    help="how agent messages reach the model: plain transcript, or the model's chat template "
                    "(auto: plain for models without a chat template, i.e. base models)")

@@ -1,9 +1,13 @@
 """ChatRelayLLM: a LangChain chat model on the in-process relay-llm engine.
 
-A thin adapter: LangChain messages -> {"role", "content"} dicts -> `RelayEngine.chat` / `.stream`.
+A thin adapter: LangChain messages -> OpenAI-shaped message dicts -> `RelayEngine.chat` / `.stream`.
 Every instance naming the same (model, dtype) shares one process-wide engine (`shared_engine`), so
 outputs generated through one instance are reused when they reappear in another instance's prompt.
 The model loads on first use, never at construction.
+
+Tool calling and structured output are the engine's (relay_llm.structured: grammar-constrained
+decoding): this module passes `tools` / `tool_choice` / `parallel_tool_calls` / `response_format`
+through and maps the engine's OpenAI-shaped tool calls to LangChain's `tool_calls` / `tool_call_chunks`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -27,23 +32,28 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import InvalidToolCall, ToolCall, ToolCallChunk, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.base import OutputParserLike
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+    make_invalid_tool_call,
+    parse_tool_call,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field, SecretStr
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, Field, SecretStr
 
 from relay_llm import Chunk, RelayEngine, RequestStats, shared_engine
 from relay_llm.loading import DEFAULT_MODEL_DIRNAME
 
-# The one switch for tool calling and structured output. It stays False until the engine accepts
-# `tools=` / `tool_choice=` (the structured-generation issue); the standard-test capability flags in
-# tests/langchain read it too.
-TOOL_CALLING = False
-_NO_TOOLS = (
-    "tool calling needs the structured-generation engine feature, which relay-llm does not have yet: "
-    "bind_tools() records the tools, but the engine cannot generate tool calls"
-)
+# Tool calling and structured output (grammar-constrained decoding in the engine). The standard-test
+# capability flags in tests/langchain read this switch.
+TOOL_CALLING = True
 
 PROVIDER = "relay_llm"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
@@ -67,35 +77,65 @@ def _text(content: str | list, *, ai: bool = False) -> str:
     return "".join(parts)
 
 
-def render_tool_calls(tool_calls: Sequence[dict]) -> str:
-    """Tool calls of an AIMessage as text, one `<tool_call>{"name", "arguments"}</tool_call>` each."""
-    return "\n".join(
-        "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c.get("args", {})}, ensure_ascii=False)
-        + "\n</tool_call>"
-        for c in tool_calls
-    )
+def _engine_tool_calls(m: AIMessage) -> list[dict]:
+    """An AIMessage's tool calls (valid and invalid) in OpenAI shape, arguments as a JSON string."""
+    calls = [{"id": c.get("id") or "", "type": "function",
+              "function": {"name": c["name"], "arguments": json.dumps(c["args"], ensure_ascii=False)}}
+             for c in m.tool_calls]
+    calls += [{"id": c.get("id") or "", "type": "function", "function": {"name": c["name"], "arguments": c["args"]}}
+              for c in m.invalid_tool_calls if isinstance(c.get("name"), str) and isinstance(c.get("args"), str)]
+    return calls
 
 
 def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict]:
-    """LangChain messages -> the engine's {"role", "content"} dicts (system/user/assistant/tool)."""
+    """LangChain messages -> the engine's OpenAI-shaped message dicts (system/user/assistant/tool).
+
+    An AIMessage's tool calls travel as structured "tool_calls" (the engine renders them in the exact
+    format it generates, so they are reused); a ToolMessage keeps its "tool_call_id".
+    """
     out = []
     for m in messages:
+        extra: dict[str, Any] = {}
         if isinstance(m, SystemMessage):
             role, content = "system", _text(m.content)
         elif isinstance(m, HumanMessage):
             role, content = "user", _text(m.content)
         elif isinstance(m, AIMessage):
             role, content = "assistant", _text(m.content, ai=True)
-            if m.tool_calls:
-                content = "\n".join(p for p in (content, render_tool_calls(m.tool_calls)) if p)
-        elif isinstance(m, (ToolMessage, FunctionMessage)):
+            if calls := _engine_tool_calls(m):
+                extra["tool_calls"] = calls
+        elif isinstance(m, ToolMessage):
+            role, content = "tool", _text(m.content)
+            extra["tool_call_id"] = m.tool_call_id
+        elif isinstance(m, FunctionMessage):
             role, content = "tool", _text(m.content)
         elif isinstance(m, ChatMessage) and m.role in _ROLES:
             role, content = _ROLES[m.role], _text(m.content)
         else:
             raise ValueError(f"ChatRelayLLM cannot render a {type(m).__name__} (role {getattr(m, 'role', '?')!r})")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **extra})
     return out
+
+
+def _parse_tool_calls(raw_calls: Sequence[dict]) -> tuple[list[ToolCall], list[InvalidToolCall]]:
+    """The engine's OpenAI-shaped calls -> (tool_calls, invalid_tool_calls); arguments must be a JSON object."""
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    for raw in raw_calls:
+        try:
+            parsed = parse_tool_call(raw, return_id=True)
+            if parsed is None or not isinstance(json.loads(raw["function"]["arguments"] or "{}"), dict):
+                raise ValueError(f"the arguments of {raw['function']['name']!r} are not a JSON object")
+            calls.append(ToolCall(name=parsed["name"], args=parsed["args"], id=parsed["id"], type="tool_call"))
+        except Exception as exc:  # noqa: BLE001 - any parse failure makes an invalid call, as langchain-openai does
+            invalid.append(make_invalid_tool_call(raw, str(exc)))
+    return calls, invalid
+
+
+def _tool_call_chunks(deltas: Sequence[dict] | None) -> list[ToolCallChunk]:
+    """The engine's streamed call deltas ({"index", "id", "name", "arguments"}) as LangChain tool-call chunks."""
+    return [tool_call_chunk(name=d.get("name"), args=d.get("arguments"), id=d.get("id"), index=d["index"])
+            for d in deltas or []]
 
 
 def _normalize_tool_choice(tool_choice: dict | str | bool, tools: list[dict]) -> dict | str:
@@ -191,11 +231,9 @@ class ChatRelayLLM(BaseChatModel):
         stop = stop if stop is not None else self.stop
         if stop:
             opts["stop"] = list(stop)
-        tools, tool_choice = kwargs.get("tools"), kwargs.get("tool_choice")
-        if tools and tool_choice != "none":
-            if not TOOL_CALLING:
-                raise NotImplementedError(_NO_TOOLS)
-            opts["tools"], opts["tool_choice"] = tools, tool_choice
+        for key in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
+            if kwargs.get(key) is not None:
+                opts[key] = kwargs[key]
         return kwargs.get("model"), to_engine_messages(messages), opts
 
     def _message_fields(self, model: str | None, finish_reason: str | None, stats: RequestStats) -> dict[str, Any]:
@@ -207,13 +245,27 @@ class ChatRelayLLM(BaseChatModel):
                     "finish_reason": finish_reason, "relay": stats.to_dict()}
         return {"usage_metadata": usage, "response_metadata": metadata}
 
+    def _message(self, model: str | None, text: str, finish_reason: str | None, tool_calls: Sequence[dict],
+                 stats: RequestStats) -> ChatResult:
+        """A finished generation as a ChatResult: text, parsed tool calls, usage and metadata."""
+        calls, invalid = _parse_tool_calls(tool_calls)
+        message = AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid,
+                            **self._message_fields(model, finish_reason, stats))
+        generation = ChatGeneration(message=message, generation_info={"finish_reason": finish_reason})
+        return ChatResult(generations=[generation], llm_output={"model_name": self._model_name(model)})
+
     def _chunk(self, model: str | None, chunk: Chunk) -> ChatGenerationChunk | None:
-        """An engine delta as a LangChain chunk; the last one alone carries model_name and usage."""
+        """An engine delta as a LangChain chunk (text and tool-call chunks); the last one alone carries
+        model_name and usage. The complete calls on the engine's last chunk are not repeated: merged
+        chunks rebuild them from the tool-call chunks."""
+        calls = _tool_call_chunks(chunk.tool_call_deltas)
         if chunk.stats is None:
-            return ChatGenerationChunk(message=AIMessageChunk(content=chunk.text)) if chunk.text else None
+            if not chunk.text and not calls:
+                return None
+            return ChatGenerationChunk(message=AIMessageChunk(content=chunk.text, tool_call_chunks=calls))
         fields = self._message_fields(model, chunk.finish_reason, chunk.stats)
-        return ChatGenerationChunk(message=AIMessageChunk(content=chunk.text, chunk_position="last", **fields),
-                                   generation_info={"finish_reason": chunk.finish_reason})
+        message = AIMessageChunk(content=chunk.text, tool_call_chunks=calls, chunk_position="last", **fields)
+        return ChatGenerationChunk(message=message, generation_info={"finish_reason": chunk.finish_reason})
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -221,10 +273,7 @@ class ChatRelayLLM(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         model, request, opts = self._request(messages, stop, kwargs)
         result = self._engine(model).chat(request, **opts)
-        message = AIMessage(content=result.text, **self._message_fields(model, result.finish_reason, result.stats))
-        return ChatResult(generations=[ChatGeneration(message=message,
-                                                      generation_info={"finish_reason": result.finish_reason})],
-                          llm_output={"model_name": self._model_name(model)})
+        return self._message(model, result.text, result.finish_reason, result.tool_calls, result.stats)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
@@ -255,10 +304,7 @@ class ChatRelayLLM(BaseChatModel):
             last = c
         if last is None or last.stats is None:
             raise RuntimeError("the engine ended without a final chunk")
-        message = AIMessage(content="".join(parts), **self._message_fields(model, last.finish_reason, last.stats))
-        return ChatResult(generations=[ChatGeneration(message=message,
-                                                      generation_info={"finish_reason": last.finish_reason})],
-                          llm_output={"model_name": self._model_name(model)})
+        return self._message(model, "".join(parts), last.finish_reason, last.tool_calls or [], last.stats)
 
     # ---- tokens and tools ----------------------------------------------------------------------
 
@@ -272,26 +318,85 @@ class ChatRelayLLM(BaseChatModel):
         return ids[1:] if bos is not None and ids and ids[0] == bos else ids
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
-        """Prompt tokens of `messages` under the chat template (generation prompt included); tools not counted."""
-        return len(self._engine().render(to_engine_messages(messages)))
+        """Prompt tokens of `messages` under the chat template (generation prompt included), with the tools
+        preamble when `tools` are given."""
+        specs = [convert_to_openai_tool(t) for t in tools] if tools else None
+        return len(self._engine().render(to_engine_messages(messages), tools=specs))
 
     def bind_tools(
         self,
         tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
         *,
         tool_choice: dict | str | Literal["auto", "any", "required", "none"] | bool | None = None,
+        parallel_tool_calls: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools (converted to OpenAI tool specs) and an optional tool_choice.
+        """Bind tools (converted to OpenAI tool specs) for grammar-constrained tool calling.
 
-        tool_choice: "auto", "any"/"required" (must call a tool), "none", or a tool's name.
-        Calling the bound model raises NotImplementedError until the engine supports tool calls
-        (except with tool_choice="none", which generates plain text).
+        tool_choice: None / "auto" (text or calls), "any" / "required" / True (must call a tool), "none"
+        (plain text), or a tool's name (must call that tool). parallel_tool_calls: allow several calls in
+        one reply (the engine's default is one call: small models tend to repeat calls).
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
         if tool_choice is not None and tool_choice is not False:
             kwargs["tool_choice"] = _normalize_tool_choice(tool_choice, formatted)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
         return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """A runnable whose output is `schema` (a Pydantic class, a TypedDict, or a JSON Schema / OpenAI
+        function dict): a model instance for a Pydantic class, a dict otherwise.
+
+        method: "json_schema" (default): the engine's `response_format` constrains the reply to the
+        schema; "function_calling": a forced call of a tool whose parameters are the schema;
+        "json_mode": the reply is constrained to some JSON object (put the keys in the prompt).
+        include_raw: return {"raw": AIMessage, "parsed": ..., "parsing_error": ...} instead.
+        strict: accepted for compatibility; the output is always grammar-constrained (strict).
+        """
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        is_pydantic = is_basemodel_subclass(schema) if isinstance(schema, type) else False
+        ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        parser: OutputParserLike
+        if method == "function_calling":
+            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=tool_name, ls_structured_output_format=ls_format)
+            parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+                      else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True))
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                json_schema = _json_schema(schema)
+                response_format = {"type": "json_schema", "json_schema": {
+                    "name": json_schema.get("title") or "response", "schema": json_schema,
+                    **({"strict": strict} if strict is not None else {})}}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=ls_format)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
+
+
+def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
+    """JSON Schema of a Pydantic class, TypedDict or OpenAI function / tool dict; a JSON Schema dict as is."""
+    if isinstance(schema, dict) and "function" not in schema and "parameters" not in schema \
+            and ("properties" in schema or "type" in schema):
+        return schema
+    return convert_to_json_schema(schema)
 
 
 class _End:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+from typing import Literal
 
 import langchain_relay.chat_models as chat_models
 import pytest
@@ -12,9 +14,11 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableBinding
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_relay import ChatRelayLLM
-from langchain_relay.chat_models import render_tool_calls, to_engine_messages
+from langchain_relay.chat_models import to_engine_messages
 from pydantic import BaseModel
+from typing_extensions import TypedDict
 
 from relay_llm import Chunk, RequestStats, Result
 
@@ -105,20 +109,25 @@ def test_ls_params_report_provider_model_and_call_overrides():
 # ---- rendering ---------------------------------------------------------------------------------
 
 
-def test_messages_render_to_engine_roles_with_tool_calls_as_text():
+def test_messages_become_engine_dicts_with_structured_tool_calls():
     call = {"name": "add", "args": {"a": 1, "b": 2}, "id": "c1", "type": "tool_call"}
+    bad = {"name": "add", "args": '{"a": 1', "id": "c2", "error": "bad JSON", "type": "invalid_tool_call"}
     msgs = [SystemMessage("sys"), HumanMessage([{"type": "text", "text": "a"}, "b"], name="ann"),
-            AIMessage("let me add", tool_calls=[call]), ToolMessage("3", tool_call_id="c1"), AIMessage("")]
+            AIMessage("let me add", tool_calls=[call]), ToolMessage("3", tool_call_id="c1"),
+            AIMessage([{"type": "text", "text": "again"}, {"type": "tool_use", "id": "c2", "name": "add", "input": {}}],
+                      tool_calls=[{**call, "args": {"s": "你好"}}], invalid_tool_calls=[bad]),
+            AIMessage("")]
+    def fn(call_id: str, arguments: str) -> dict:
+        return {"id": call_id, "type": "function", "function": {"name": "add", "arguments": arguments}}
+
     assert to_engine_messages(msgs) == [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "ab"},
-        {"role": "assistant", "content": 'let me add\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}'
-                                         "\n</tool_call>"},
-        {"role": "tool", "content": "3"},
+        {"role": "assistant", "content": "let me add", "tool_calls": [fn("c1", '{"a": 1, "b": 2}')]},
+        {"role": "tool", "content": "3", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "again", "tool_calls": [fn("c1", '{"s": "你好"}'), fn("c2", '{"a": 1')]},
         {"role": "assistant", "content": ""},
     ]
-    assert render_tool_calls([call, {**call, "args": {"s": "你好"}}]).count("<tool_call>") == 2
-    assert "你好" in render_tool_calls([{"name": "f", "args": {"s": "你好"}}])
 
 
 def test_non_text_content_is_refused(tiny_llm):
@@ -135,6 +144,7 @@ def test_tool_history_renders_into_the_chat_template(tiny_llm, tiny_dir):
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>' in text
     assert "<|im_start|>tool\n41<|im_end|>" in text
     assert isinstance(tiny_llm.invoke(msgs), AIMessage)
+    assert isinstance(tiny_llm.bind_tools([_add]).invoke(msgs), AIMessage)
 
 
 # ---- generation on the tiny model ------------------------------------------------------------
@@ -321,14 +331,239 @@ def test_bind_tools_converts_specs_and_tool_choice():
         llm.bind_tools([_add], tool_choice="missing")
 
 
-def test_calling_with_tools_says_the_engine_cannot_yet(slow):
+ADD_CALL = {"id": "call_1", "type": "function", "function": {"name": "_add", "arguments": '{"a": 1, "b": 2}'}}
+NO_ARGS_CALL = {"id": "call_2", "type": "function", "function": {"name": "_now", "arguments": ""}}
+BAD_JSON_CALL = {"id": "call_3", "type": "function", "function": {"name": "_add", "arguments": '{"a": 1'}}
+NOT_AN_OBJECT_CALL = {"id": "call_4", "type": "function", "function": {"name": "_add", "arguments": "[1, 2]"}}
+
+
+class ToolEngine:
+    """Stands in for RelayEngine: replies with text then tool calls, streamed as the engine streams them."""
+
+    def __init__(self, calls: list[dict] | None = None, text: str = "", deltas: list[list[dict]] | None = None):
+        self.calls = [ADD_CALL] if calls is None else calls
+        self.text = text
+        self.deltas = deltas if deltas is not None else [
+            [{"index": 0, "id": "call_1", "name": "_add", "arguments": ""}],
+            [{"index": 0, "id": None, "name": None, "arguments": '{"a": 1, '}],
+            [{"index": 0, "id": None, "name": None, "arguments": '"b": 2}'}]]
+        self.requests: list[tuple[list[dict], dict]] = []
+
+    def stream(self, request, **opts):
+        self.requests.append((request, opts))
+        finish = "tool_calls" if self.calls else "stop"
+        stats = RequestStats(prompt_tokens=30, completion_tokens=20, reused_tokens=4)
+        chunks = [Chunk(self.text)] if self.text else []
+        chunks += [Chunk("", tool_call_deltas=d) for d in self.deltas[:-1]]
+        chunks.append(Chunk("", finish_reason=finish, stats=stats, tool_call_deltas=self.deltas[-1] or None,
+                            tool_calls=list(self.calls)))
+        return (c for c in chunks)  # a generator: the face closes the engine's stream
+
+    def chat(self, request, **opts) -> Result:
+        chunks = list(self.stream(request, **opts))
+        last = chunks[-1]
+        return Result("".join(c.text for c in chunks), last.finish_reason, [], last.stats, last.tool_calls)
+
+
+@pytest.fixture
+def tool_engine(monkeypatch) -> ToolEngine:
+    engine = ToolEngine()
+    monkeypatch.setattr(ChatRelayLLM, "_engine", lambda self, model=None: engine)
+    return engine
+
+
+def test_tool_options_reach_the_engine(tool_engine):
+    llm = ChatRelayLLM(max_tokens=5)
+    llm.bind_tools([_add], tool_choice="_add", parallel_tool_calls=True).invoke("add")
+    llm.bind_tools([_add], tool_choice="any").invoke("add")
+    llm.bind_tools([_add]).invoke("add")
+    llm.bind_tools([_add], tool_choice="none").invoke("add")
+    spec = convert_to_openai_tool(_add)
+    assert [opts for _, opts in tool_engine.requests] == [
+        {"max_new_tokens": 5, "tools": [spec], "tool_choice": {"type": "function", "function": {"name": "_add"}},
+         "parallel_tool_calls": True},
+        {"max_new_tokens": 5, "tools": [spec], "tool_choice": "required"},
+        {"max_new_tokens": 5, "tools": [spec]},
+        {"max_new_tokens": 5, "tools": [spec], "tool_choice": "none"},
+    ]
+
+
+def test_engine_tool_calls_become_tool_calls_and_invalid_tool_calls(tool_engine):
+    tool_engine.calls = [ADD_CALL, NO_ARGS_CALL, BAD_JSON_CALL, NOT_AN_OBJECT_CALL]
+    tool_engine.text = "Let me add."
+    bound = ChatRelayLLM().bind_tools([_add], parallel_tool_calls=True)
+    for msg in (bound.invoke("add 1 and 2"), asyncio.run(bound.ainvoke("add 1 and 2"))):
+        assert msg.content == "Let me add." and msg.response_metadata["finish_reason"] == "tool_calls"
+        assert msg.tool_calls == [{"name": "_add", "args": {"a": 1, "b": 2}, "id": "call_1", "type": "tool_call"},
+                                  {"name": "_now", "args": {}, "id": "call_2", "type": "tool_call"}]
+        assert [(c["id"], c["args"]) for c in msg.invalid_tool_calls] == [("call_3", '{"a": 1'), ("call_4", "[1, 2]")]
+        assert all(c["error"] for c in msg.invalid_tool_calls)
+        assert msg.usage_metadata["input_token_details"]["cache_read"] == 4
+
+
+def test_streamed_tool_call_deltas_become_tool_call_chunks(tool_engine):
+    tool_engine.text = "Sure."
     bound = ChatRelayLLM().bind_tools([_add])
-    with pytest.raises(NotImplementedError, match="structured-generation"):
-        bound.invoke("add 1 and 2")
-    with pytest.raises(NotImplementedError, match="structured-generation"):
-        list(bound.stream("add 1 and 2"))
-    with pytest.raises(NotImplementedError, match="structured-generation"):
-        asyncio.run(bound.ainvoke("add 1 and 2"))
-    assert slow.requests == []
-    # tool_choice="none" forbids tool calls: plain text generation works
-    assert ChatRelayLLM().bind_tools([_add], tool_choice="none").invoke("hi").content == "t0 t1 t2 t3 t4 "
+    for chunks in (list(bound.stream("add")), asyncio.run(_alist(bound.astream("add")))):
+        assert [c.content for c in chunks] == ["Sure.", "", "", ""]
+        assert [[(t["index"], t["id"], t["name"], t["args"]) for t in c.tool_call_chunks] for c in chunks] == [
+            [], [(0, "call_1", "_add", "")], [(0, None, None, '{"a": 1, ')], [(0, None, None, '"b": 2}')]]
+        assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] == 20
+        full = _merge(chunks)
+        assert full.content == "Sure." and full.invalid_tool_calls == []
+        assert full.tool_calls == [{"name": "_add", "args": {"a": 1, "b": 2}, "id": "call_1", "type": "tool_call"}]
+        assert full.response_metadata["finish_reason"] == "tool_calls"
+
+
+async def _alist(aiter) -> list:
+    return [x async for x in aiter]
+
+
+class Pick(BaseModel):
+    """A choice."""
+
+    pick: Literal["yes", "no"]
+    ok: bool
+
+
+class PickDict(TypedDict):
+    """A choice."""
+
+    pick: Literal["yes", "no"]
+    ok: bool
+
+
+PICK_SCHEMA = {"type": "object", "properties": {"pick": {"enum": ["yes", "no"]}, "ok": {"type": "boolean"}},
+               "required": ["pick", "ok"]}
+
+
+@pytest.mark.parametrize("schema", [Pick, PickDict, PICK_SCHEMA], ids=["pydantic", "typeddict", "json_schema"])
+def test_structured_output_methods_reach_the_engine_and_parse(tool_engine, schema):
+    llm = ChatRelayLLM()
+    expected = Pick(pick="yes", ok=True) if schema is Pick else {"pick": "yes", "ok": True}
+    tool_engine.calls, tool_engine.deltas, tool_engine.text = [], [[]], '{"pick": "yes", "ok": true}'
+    assert llm.with_structured_output(schema).invoke("choose") == expected
+    assert llm.with_structured_output(schema, method="json_mode").invoke("choose") == expected
+    fmt = tool_engine.requests[0][1]["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"]["properties"]["pick"]["enum"] == ["yes", "no"]
+    assert tool_engine.requests[1][1]["response_format"] == {"type": "json_object"}
+    if schema is PICK_SCHEMA:
+        assert fmt["json_schema"] == {"name": "response", "schema": PICK_SCHEMA}  # a JSON Schema goes as is
+    if schema is PICK_SCHEMA:
+        schema = {**PICK_SCHEMA, "title": "pick_tool"}  # a tool needs a name
+    name = schema["title"] if isinstance(schema, dict) else schema.__name__
+    tool_engine.calls = [{"id": "call_9", "type": "function",
+                          "function": {"name": name, "arguments": '{"pick": "yes", "ok": true}'}}]
+    tool_engine.text, tool_engine.deltas = "", [[{"index": 0, "id": "call_9", "name": name, "arguments": ""}],
+                                                [{"index": 0, "id": None, "name": None,
+                                                  "arguments": '{"pick": "yes", "ok": true}'}]]
+    chat = llm.with_structured_output(schema, method="function_calling")
+    assert chat.invoke("choose") == expected
+    assert list(chat.stream("choose"))[-1] == expected
+    opts = tool_engine.requests[-1][1]
+    assert opts["tool_choice"] == {"type": "function", "function": {"name": name}}
+    assert [t["function"]["name"] for t in opts["tools"]] == [name] and "response_format" not in opts
+
+
+def test_structured_output_include_raw_keeps_the_message_and_the_parsing_error(tool_engine):
+    tool_engine.calls, tool_engine.deltas, tool_engine.text = [], [[]], '{"pick": "maybe", "ok": true}'
+    out = ChatRelayLLM().with_structured_output(Pick, include_raw=True).invoke("choose")
+    assert isinstance(out["raw"], AIMessage) and out["parsed"] is None and out["parsing_error"] is not None
+    tool_engine.text = '{"pick": "no", "ok": false}'
+    out = ChatRelayLLM().with_structured_output(Pick, include_raw=True).invoke("choose")
+    assert out["parsed"] == Pick(pick="no", ok=False) and out["parsing_error"] is None
+    with pytest.raises(ValueError, match="method must be"):
+        ChatRelayLLM().with_structured_output(Pick, method="xml")
+    with pytest.raises(ValueError, match="unsupported arguments"):
+        ChatRelayLLM().with_structured_output(Pick, temperature=1)
+
+
+# ---- tools on the tiny model (random weights: the grammar makes the shape; enums bound the values) -------
+
+
+@tool
+def weather(city: Literal["paris", "tokyo"]) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+def test_forced_tool_call_on_the_tiny_model(tiny_dir):
+    llm = ChatRelayLLM(model=tiny_dir, max_tokens=96).bind_tools([weather, _add], tool_choice="weather")
+    msg = llm.invoke("What is the weather in Paris?")
+    assert msg.response_metadata["finish_reason"] == "tool_calls" and msg.content == ""
+    assert len(msg.tool_calls) == 1 and msg.invalid_tool_calls == []
+    call = msg.tool_calls[0]
+    assert call["name"] == "weather" and call["args"]["city"] in ("paris", "tokyo") and call["id"].startswith("call_")
+    chunks = list(llm.stream("What is the weather in Paris?"))
+    assert sum(len(c.tool_call_chunks) for c in chunks) > 2  # the arguments arrive in pieces
+    full = _merge(chunks)
+    assert full.tool_calls == msg.tool_calls and full.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_a_generated_tool_call_goes_back_into_the_prompt_as_generated(tiny_dir):
+    llm = ChatRelayLLM(model=tiny_dir, max_tokens=96).bind_tools([weather], tool_choice="any")
+    question = HumanMessage("Weather in Tokyo, please.")
+    first = llm.invoke([question], schedule="full")
+    call = first.tool_calls[0]
+    result = weather.invoke(call)
+    history = [question, first, result]
+    engine = ChatRelayLLM(model=tiny_dir)._engine()
+    prompt = engine.tokenizer.decode(engine.render(to_engine_messages(history), llm.kwargs["tools"], "required"))
+    second = llm.invoke(history)
+    # the call goes back as the text the model generated (the engine renders it), and the prompt is reused
+    call_text = f'<tool_call>\n{{"name": "weather", "arguments": {json.dumps(call["args"])}}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call_text}<|im_end|>" in prompt
+    assert second.usage_metadata["input_token_details"]["cache_read"] > first.usage_metadata["input_tokens"]
+
+
+def test_structured_output_on_the_tiny_model(tiny_dir):
+    llm = ChatRelayLLM(model=tiny_dir, max_tokens=96)
+    for method in ("json_schema", "function_calling"):
+        for schema in (Pick, PickDict, PICK_SCHEMA if method == "json_schema" else {**PICK_SCHEMA, "title": "pick"}):
+            out = llm.with_structured_output(schema, method=method).invoke("Choose.")
+            if schema is Pick:
+                assert isinstance(out, Pick)
+            else:
+                assert out.keys() == {"pick", "ok"} and out["pick"] in ("yes", "no")
+    streamed = list(llm.with_structured_output(Pick).stream("Choose."))
+    assert streamed and streamed[-1] == llm.with_structured_output(Pick).invoke("Choose.")
+
+
+def test_bad_tool_schema_is_a_value_error_before_generating(tiny_dir):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "not": {"const": 1}}}}}}
+    with pytest.raises(ValueError, match="not supported"):
+        ChatRelayLLM(model=tiny_dir).bind_tools([bad], tool_choice="f").invoke("hi")
+
+
+class ChatStarts(BaseCallbackHandler):
+    """The messages of every chat-model call."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+
+    def on_chat_model_start(self, serialized, messages, **kwargs) -> None:
+        self.calls.append(messages[0])
+
+
+@pytest.mark.filterwarnings("ignore:create_react_agent has been moved")  # langchain's create_agent is not installed
+def test_langgraph_react_agent_tool_round_trip_on_the_tiny_model(tiny_dir):
+    from langgraph.prebuilt import create_react_agent
+
+    llm = ChatRelayLLM(model=tiny_dir, max_tokens=96)
+
+    def model(state, runtime):
+        """Call a tool first; once a tool result is in, answer in text (a random model would never stop)."""
+        answered = any(isinstance(m, ToolMessage) for m in state["messages"])
+        return llm.bind_tools([weather], tool_choice="none" if answered else "any")
+
+    starts = ChatStarts()
+    agent = create_react_agent(model, [weather])
+    out = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]}, {"callbacks": [starts]})
+    human, call, result, answer = out["messages"]
+    assert call.tool_calls[0]["name"] == "weather" and call.tool_calls[0]["args"]["city"] in ("paris", "tokyo")
+    assert isinstance(result, ToolMessage) and result.content == f"sunny in {call.tool_calls[0]['args']['city']}"
+    assert result.tool_call_id == call.tool_calls[0]["id"]
+    assert isinstance(answer, AIMessage) and not answer.tool_calls and answer.content
+    assert len(starts.calls) == 2 and starts.calls[1][-1].content == result.content  # the result went back in
+    assert answer.usage_metadata["input_token_details"]["cache_read"] > 0  # the call's K/V was reused

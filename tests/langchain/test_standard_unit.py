@@ -29,7 +29,19 @@ class TestChatRelayLLMUnit(ChatModelUnitTests):
         return TOOL_CALLING
 
     @property
+    def has_tool_choice(self) -> bool:
+        return TOOL_CALLING
+
+    @property
     def has_structured_output(self) -> bool:
+        return TOOL_CALLING
+
+    @property
+    def structured_output_kwargs(self) -> dict:
+        return {"method": "json_schema"}
+
+    @property
+    def supports_json_mode(self) -> bool:
         return TOOL_CALLING
 
     @property

@@ -12,9 +12,7 @@ through and maps the engine's OpenAI-shaped tool calls to LangChain's `tool_call
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -49,6 +47,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, Field, SecretStr
 
 from relay_llm import Chunk, RelayEngine, RequestStats, shared_engine
+from relay_llm.aio import iterate_in_thread
 from relay_llm.loading import DEFAULT_MODEL_DIRNAME
 
 # Tool calling and structured output (grammar-constrained decoding in the engine). The standard-test
@@ -291,7 +290,7 @@ class ChatRelayLLM(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         model, request, opts = self._request(messages, stop, kwargs)
-        async for c in _in_thread(lambda: self._engine(model).stream(request, **opts)):
+        async for c in iterate_in_thread(lambda: self._engine(model).stream(request, **opts), "relay-llm-langchain"):
             if (out := self._chunk(model, c)) is not None:
                 yield out
 
@@ -299,7 +298,7 @@ class ChatRelayLLM(BaseChatModel):
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         model, request, opts = self._request(messages, stop, kwargs)
         parts, last = [], None
-        async for c in _in_thread(lambda: self._engine(model).stream(request, **opts)):
+        async for c in iterate_in_thread(lambda: self._engine(model).stream(request, **opts), "relay-llm-langchain"):
             parts.append(c.text)
             last = c
         if last is None or last.stats is None:
@@ -397,47 +396,3 @@ def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
             and ("properties" in schema or "type" in schema):
         return schema
     return convert_to_json_schema(schema)
-
-
-class _End:
-    pass
-
-
-async def _in_thread(make: Callable[[], Iterator[Chunk]]) -> AsyncIterator[Chunk]:
-    """Iterate `make()` (engine load, tokenisation, generation: all blocking) on a thread, off the event loop.
-
-    Leaving the loop early (break, cancellation) closes the engine iterator at its next token, which
-    cancels the generation.
-    """
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(items.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening
-            stop.set()
-
-    def produce() -> None:
-        try:
-            chunks = make()
-            try:
-                for c in chunks:
-                    if stop.is_set():
-                        break
-                    put(c)
-            finally:
-                chunks.close()
-            put(_End())
-        except BaseException as exc:  # handed to the consumer
-            put(exc)
-
-    threading.Thread(target=produce, name="relay-llm-langchain", daemon=True).start()
-    try:
-        while not isinstance(item := await items.get(), _End):
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()

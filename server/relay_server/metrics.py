@@ -40,6 +40,22 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# One metric: (name, type, help, samples). Samples: a value (one unlabelled sample), a Histogram, or ready lines.
+_Row = tuple[str, str, str, int | float | Histogram | list[str]]
+
+
+def _render(rows: list[_Row]) -> list[str]:
+    """The # HELP / # TYPE / sample lines of each row, in order."""
+    lines: list[str] = []
+    for name, kind, help, samples in rows:
+        if isinstance(samples, Histogram):
+            samples = samples.lines(name)
+        elif not isinstance(samples, list):
+            samples = [f"{name} {samples}"]
+        lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", *samples])
+    return lines
+
+
 class Metrics:
     """Request counts, token counters, TTFT and duration histograms; store gauges read at scrape time."""
 
@@ -82,45 +98,41 @@ class Metrics:
             self.ttft.observe(stats.ttft_s)
 
     def render(self, store_stats=None, prefix_bytes: int | None = None) -> str:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help: str, samples: list[str]) -> None:
-            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", *samples])
-
+        """The exposition text: this object's metrics, then the store's and prefix cache's where given."""
         with self._lock:
-            metric("relay_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
-                   [f'relay_requests_total{{endpoint="{_label(e)}",status="{s}"}} {n}'
-                    for (e, s), n in sorted(self.requests.items())])
-            metric("relay_request_duration_seconds", "histogram", "HTTP request duration (streams: until the end).",
-                   self.duration.lines("relay_request_duration_seconds"))
-            metric("relay_generations_total", "counter", "Generations that ran to the end.",
-                   [f"relay_generations_total {self.generations}"])
-            metric("relay_generations_cancelled_total", "counter", "Generations cancelled (client gone) or failed.",
-                   [f"relay_generations_cancelled_total {self.cancelled}"])
-            metric("relay_generations_in_flight", "gauge", "Generations running or queued on the engine.",
-                   [f"relay_generations_in_flight {self.in_flight}"])
-            metric("relay_prompt_tokens_total", "counter", "Prompt tokens of finished generations.",
-                   [f"relay_prompt_tokens_total {self.prompt_tokens}"])
-            metric("relay_reused_tokens_total", "counter", "Prompt tokens whose stored K/V was reused.",
-                   [f"relay_reused_tokens_total {self.reused_tokens}"])
-            metric("relay_generated_tokens_total", "counter", "Generated (completion) tokens.",
-                   [f"relay_generated_tokens_total {self.generated_tokens}"])
-            metric("relay_recomputed_cells_total", "counter", "Recomputed (token, layer) cells of reusable content.",
-                   [f"relay_recomputed_cells_total {self.recomputed_cells}"])
-            metric("relay_reusable_cells_total", "counter", "All (token, layer) cells of reusable content.",
-                   [f"relay_reusable_cells_total {self.reusable_cells}"])
-            metric("relay_ttft_seconds", "histogram", "Engine time to first token (from the start of the job).",
-                   self.ttft.lines("relay_ttft_seconds"))
+            rows: list[_Row] = [
+                ("relay_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
+                 [f'relay_requests_total{{endpoint="{_label(e)}",status="{s}"}} {n}'
+                  for (e, s), n in sorted(self.requests.items())]),
+                ("relay_request_duration_seconds", "histogram", "HTTP request duration (streams: until the end).",
+                 self.duration),
+                ("relay_generations_total", "counter", "Generations that ran to the end.", self.generations),
+                ("relay_generations_cancelled_total", "counter", "Generations cancelled (client gone) or failed.",
+                 self.cancelled),
+                ("relay_generations_in_flight", "gauge", "Generations running or queued on the engine.",
+                 self.in_flight),
+                ("relay_prompt_tokens_total", "counter", "Prompt tokens of finished generations.", self.prompt_tokens),
+                ("relay_reused_tokens_total", "counter", "Prompt tokens whose stored K/V was reused.",
+                 self.reused_tokens),
+                ("relay_generated_tokens_total", "counter", "Generated (completion) tokens.", self.generated_tokens),
+                ("relay_recomputed_cells_total", "counter", "Recomputed (token, layer) cells of reusable content.",
+                 self.recomputed_cells),
+                ("relay_reusable_cells_total", "counter", "All (token, layer) cells of reusable content.",
+                 self.reusable_cells),
+                ("relay_ttft_seconds", "histogram", "Engine time to first token (from the start of the job).",
+                 self.ttft),
+            ]
+            lines = _render(rows)  # histograms are read here, under the lock
+        read_now: list[_Row] = []  # the store and prefix cache, read at scrape time
         if store_stats is not None:
-            metric("relay_store_bytes", "gauge", "Bytes of K/V held in the segment store.",
-                   [f"relay_store_bytes {store_stats.bytes}"])
-            metric("relay_store_budget_bytes", "gauge", "Byte budget of the segment store.",
-                   [f"relay_store_budget_bytes {store_stats.budget_bytes}"])
-            metric("relay_store_segments", "gauge", "Segments held in the segment store.",
-                   [f"relay_store_segments {store_stats.segments}"])
-            metric("relay_store_evictions_total", "counter", "Segments evicted from the store.",
-                   [f"relay_store_evictions_total {store_stats.evictions}"])
+            read_now += [
+                ("relay_store_bytes", "gauge", "Bytes of K/V held in the segment store.", store_stats.bytes),
+                ("relay_store_budget_bytes", "gauge", "Byte budget of the segment store.", store_stats.budget_bytes),
+                ("relay_store_segments", "gauge", "Segments held in the segment store.", store_stats.segments),
+                ("relay_store_evictions_total", "counter", "Segments evicted from the store.", store_stats.evictions),
+            ]
         if prefix_bytes is not None:
-            metric("relay_prefix_cache_bytes", "gauge", "Bytes of K/V held in the exact-prefix cache.",
-                   [f"relay_prefix_cache_bytes {prefix_bytes}"])
-        return "\n".join(lines) + "\n"
+            read_now.append(("relay_prefix_cache_bytes", "gauge", "Bytes of K/V held in the exact-prefix cache.",
+                             prefix_bytes))
+        return "\n".join([*lines, *_render(read_now)]) + "\n"
+

@@ -1,7 +1,7 @@
 """LangChain's standard integration suite for ChatRelayLLM.
 
 Run twice: on a tiny random model (fast plumbing check, every run) and on the real default model
-(gemma-3-270m, marked real_model). Capability flags come from langchain_relay.TOOL_CALLING.
+(gemma-3-270m, marked real_model). The capability flags (tests/langchain/_flags.py) are the unit suite's.
 
 The plain tests run with max_tokens=8 for speed; a test whose output must be a whole tool call or JSON
 object gets `tool_max_tokens` / `json_max_tokens` instead (a call or an object cut off at 8 tokens is not
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
-from langchain_relay import TOOL_CALLING, ChatRelayLLM
+from langchain_relay import ChatRelayLLM
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
+from ._flags import RelayCapabilities
 from ._models import tiny_model_dir
 
 # Tests that need a whole tool call / JSON object in the output, by name prefix (test_tool_message_histories_*,
@@ -28,9 +29,8 @@ _NOISE = "random weights: the grammar makes the shape, but "
 CACHED_PROMPT = "Relay caching keeps the keys and values of the text a model generated, for the next agent. " * 3
 
 
-class _RelayFlags:
-    """What ChatRelayLLM supports: text only; tool calling, tool choice, structured output (all three
-    methods) and JSON mode by grammar-constrained decoding."""
+class _RelaySuite(RelayCapabilities):
+    """The capability flags, plus per-test token budgets, capability xfails and the cache-read check."""
 
     @pytest.fixture
     def model(self, request: pytest.FixtureRequest) -> ChatRelayLLM:
@@ -58,34 +58,6 @@ class _RelayFlags:
         if reason := self.xfails.get(request.node.name) or self.xfails.get(request.node.originalname):
             request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
 
-    @property
-    def chat_model_class(self) -> type[ChatRelayLLM]:
-        return ChatRelayLLM
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return TOOL_CALLING
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return TOOL_CALLING
-
-    @property
-    def has_structured_output(self) -> bool:
-        return TOOL_CALLING
-
-    @property
-    def structured_output_kwargs(self) -> dict:
-        return {"method": "json_schema"}
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return TOOL_CALLING
-
-    @property
-    def supported_usage_metadata_details(self) -> dict:
-        return {"invoke": ["cache_read_input"], "stream": ["cache_read_input"]}
-
     def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
         """The same prompt twice: the second call reads the first one's prompt K/V from the cache."""
         llm = ChatRelayLLM(**{**self.chat_model_params, "max_tokens": 2})
@@ -101,7 +73,7 @@ class _RelayFlags:
         return msg
 
 
-class TestChatRelayLLMTiny(_RelayFlags, ChatModelIntegrationTests):
+class TestChatRelayLLMTiny(_RelaySuite, ChatModelIntegrationTests):
     """The suite on a tiny random llama: every code path, in seconds; the text is noise."""
 
     tool_max_tokens = json_max_tokens = 160  # its 512-token BPE vocabulary spends 65 tokens on one call
@@ -130,7 +102,7 @@ class TestChatRelayLLMTiny(_RelayFlags, ChatModelIntegrationTests):
 
 
 @pytest.mark.real_model
-class TestChatRelayLLMIntegration(_RelayFlags, ChatModelIntegrationTests):
+class TestChatRelayLLMIntegration(_RelaySuite, ChatModelIntegrationTests):
     """The suite on the packaged gemma-3-270m; the per-call model override goes to a tiny model."""
 
     xfails = {

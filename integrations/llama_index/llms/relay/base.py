@@ -18,10 +18,8 @@ Where the results go:
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +44,7 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.utils import parse_partial_json
 
 from relay_llm import Chunk, RelayEngine, RequestStats, shared_engine
+from relay_llm.aio import iterate_in_thread
 from relay_llm.engine import GenerationOptions
 from relay_llm.loading import DEFAULT_MODEL_DIRNAME, cache_dir
 
@@ -294,7 +293,7 @@ class RelayLLM(FunctionCallingLLM):
 
     async def _achat_stream(self, request: list[dict], opts: dict[str, Any]) -> ChatResponseAsyncGen:
         reply = _Reply()
-        async for c in _in_thread(lambda: self.engine.stream(request, **opts)):
+        async for c in iterate_in_thread(lambda: self.engine.stream(request, **opts), "relay-llm-llamaindex"):
             if (out := self._chat_chunk(reply, c)) is not None:
                 yield out
 
@@ -334,7 +333,7 @@ class RelayLLM(FunctionCallingLLM):
 
     async def _acomplete_stream(self, prompt: str, opts: dict[str, Any]) -> CompletionResponseAsyncGen:
         text = ""
-        async for c in _in_thread(lambda: self.engine.stream(prompt, **opts)):
+        async for c in iterate_in_thread(lambda: self.engine.stream(prompt, **opts), "relay-llm-llamaindex"):
             text += c.text
             if (out := self._completion_chunk(text, c)) is not None:
                 yield out
@@ -386,10 +385,6 @@ class RelayLLM(FunctionCallingLLM):
                               tool_kwargs=_tool_kwargs(c.tool_kwargs)) for i, c in enumerate(calls)]
 
 
-class _End:
-    pass
-
-
 async def _final(responses: AsyncIterator) -> Any:
     """The last response of a stream: the one that carries `raw` (stats and usage)."""
     last = None
@@ -398,43 +393,3 @@ async def _final(responses: AsyncIterator) -> Any:
     if last is None or last.raw is None:
         raise RuntimeError("the engine ended without a final chunk")
     return last
-
-
-async def _in_thread(make: Callable[[], Iterator[Chunk]]) -> AsyncIterator[Chunk]:
-    """Iterate `make()` (engine load, tokenisation, generation: all blocking) on a thread, off the event loop.
-
-    Leaving the loop early (break, cancellation) closes the engine iterator at its next token, which
-    cancels the generation.
-    """
-    loop = asyncio.get_running_loop()
-    items: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(items.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening
-            stop.set()
-
-    def produce() -> None:
-        try:
-            chunks = make()
-            try:
-                for c in chunks:
-                    if stop.is_set():
-                        break
-                    put(c)
-            finally:
-                chunks.close()
-            put(_End())
-        except BaseException as exc:  # handed to the consumer
-            put(exc)
-
-    threading.Thread(target=produce, name="relay-llm-llamaindex", daemon=True).start()
-    try:
-        while not isinstance(item := await items.get(), _End):
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()

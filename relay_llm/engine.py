@@ -378,10 +378,11 @@ class RelayEngine:
         assert last is not None and last.stats is not None
         return Result("".join(parts), last.finish_reason, last.token_ids or [], last.stats, last.tool_calls or [])
 
-    def _prefill(self, ids: list[int], capacity: int, schedule: Schedule,
-                 stats: RequestStats) -> tuple[torch.Tensor, KVBuffers, PrefillPlan]:
+    def _prefill(self, ids: list[int], capacity: int, schedule: Schedule, stats: RequestStats,
+                 touch: bool = True) -> tuple[torch.Tensor, KVBuffers, PrefillPlan]:
         """Plan reuse for `ids`, splice what the schedule reuses, run the prefill.
 
+        touch: count the reused spans and prefix as hits (False for measurements such as `teacher_force`).
         Returns (last-token logits [vocab], buffers holding slots [0, len(ids)), plan).
         """
         ex = self.executor
@@ -390,7 +391,7 @@ class RelayEngine:
         plan = PrefillPlan(n_tokens=n, num_layers=ex.num_layers)
         fp = self.store_fingerprint  # only K/V made by this model, dtype and profile are ever spliced
         # The last prompt token is always computed: we need its logits.
-        hit, pk, pv = self.prefix_cache.lookup(ids, fp, limit=n - 1)
+        hit, pk, pv = self.prefix_cache.lookup(ids, fp, limit=n - 1, touch=touch)
         plan.prefix_hit = hit
         if schedule.splice_prefix and plan.prefix_hit:
             kv.write(0, pk, pv)
@@ -400,7 +401,8 @@ class RelayEngine:
         elif len(self.store):
             stats.fallback = f"RoPE type {ex.rope[0].rope_type!r} cannot be rotated; spans recomputed"
         plan.spans = [m for m in found if schedule.keep_span(m)]
-        self.store.touch(plan.spans)
+        if touch:
+            self.store.touch(plan.spans)
         notes = [f"{len(found) - len(plan.spans)} span(s) too short to reuse: computed"] if len(found) > len(
             plan.spans) else []
         plan.span_hidden = [self._span_hidden(m) for m in plan.spans]
@@ -464,6 +466,7 @@ class RelayEngine:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
         generated: list[int] = []
+        kept: int | None = None  # with a stop string: how many generated ids the returned text holds
         hidden: list[torch.Tensor] = []
         emitted = 0
         hold = max((len(s) for s in opts.stop), default=1) - 1
@@ -486,6 +489,7 @@ class RelayEngine:
             if cut >= 0:
                 emit(Chunk(text[emitted:cut]))
                 finish = "stop"
+                kept = self._ids_before(generated, cut)
                 break
             safe = len(text) - hold
             while safe > emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
@@ -510,8 +514,17 @@ class RelayEngine:
         stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
         if cancel.is_set():
             return
-        self._remember(ids, generated, kv, torch.cat(hidden), plan if schedule.splice_spans else None)
-        emit(Chunk("", finish_reason=finish, stats=stats, token_ids=generated))
+        body = generated[:kept] if kept is not None else generated
+        self._remember(ids, body, kv, torch.cat(hidden), plan if schedule.splice_spans else None)
+        emit(Chunk("", finish_reason=finish, stats=stats, token_ids=body))
+
+    def _ids_before(self, generated: list[int], cut: int) -> int:
+        """How many leading ids of `generated` decode to at most `cut` characters: the tokens of the text
+        before a stop string (a token that holds the stop string's first characters is not counted)."""
+        j = len(generated)
+        while j and len(self._decode(generated[:j])) > cut:
+            j -= 1
+        return j
 
     def _remember(self, ids: list[int], generated: list[int], kv: KVBuffers, hidden: torch.Tensor,
                   plan: PrefillPlan | None) -> None:
@@ -525,7 +538,7 @@ class RelayEngine:
         note = self._prompt_notes.pop(kv, None)
         if note is not None and self.config.store_prompt:
             self._remember_prompt(ids, kv, *note)
-        body = generated[:-1] if generated[-1] in self.eos_ids else generated
+        body = generated[:-1] if generated and generated[-1] in self.eos_ids else generated
         if body:
             keys, values = kv.slice(n, n + len(body))
             self.store.add(self._segment(body, keys, values, n, hidden[: len(body)], "decode"))
@@ -559,7 +572,7 @@ class RelayEngine:
     def _teacher_force(self, ids: list[int], cont: list[int], schedule: Schedule) -> torch.Tensor:
         ex = self.executor
         n = len(ids)
-        first, kv, _ = self._prefill(ids, n + len(cont), schedule, RequestStats(schedule=schedule.name))
+        first, kv, _ = self._prefill(ids, n + len(cont), schedule, RequestStats(schedule=schedule.name), touch=False)
         rows = [first[None]]
         if len(cont) > 1:
             rest = torch.tensor(cont[:-1], dtype=torch.long, device=ex.device)

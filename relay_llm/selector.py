@@ -12,15 +12,19 @@ class SelectorConfig:
     """Thresholds of the RelayCaching selector (per span, relative to the span's mean).
 
     tau_dev: select d_j >= tau_dev * mean(d). tau_inf: select s_j >= tau_inf * mean(s).
-    suffix: always select the last `suffix` tokens of a span. recompute_budget: cap on the selected
-    fraction of a span's tokens (1.0 = no cap); over the cap, the suffix is kept first, then the
-    tokens with the highest d/mean(d) + s/mean(s). max_span_deviation: quality guard; a span whose
+    suffix: always select the last `suffix` tokens of a span. prefix: always select its first `prefix`
+    tokens: they sit right after text the stored copy never saw, so their K/V carry the old context (a
+    span found in a prompt usually starts after a header such as "Review:" where the stored copy had
+    "Specification:"; see docs/fidelity.md, "Span edges"). recompute_budget: cap on the selected
+    fraction of a span's tokens (1.0 = no cap); over the cap, the prefix and suffix are kept first, then
+    the tokens with the highest d/mean(d) + s/mean(s). max_span_deviation: quality guard; a span whose
     mean deviation exceeds it is recomputed in full. min_span_tokens: shorter spans are not reused.
     """
 
     tau_dev: float = 1.5
     tau_inf: float = 1.45
     suffix: int = 10
+    prefix: int = 4
     recompute_budget: float = 1.0
     max_span_deviation: float = 0.25
     min_span_tokens: int = 16
@@ -32,10 +36,12 @@ class SelectorConfig:
         if unknown:
             raise ValueError(f"unknown relay settings {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}")
         for key, value in overrides.items():
-            kind = int if key in ("suffix", "min_span_tokens") else (int, float)
+            kind = int if key in ("suffix", "prefix", "min_span_tokens") else (int, float)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"relay setting {key} must be a number{' (integer)' if kind is int else ''}, "
                                  f"got {value!r}")
+            if kind is int and value < 0:
+                raise ValueError(f"relay setting {key} must be >= 0, got {value}")
         return SelectorConfig(**{**self.__dict__, **overrides})
 
 
@@ -52,13 +58,14 @@ def select(deviation: torch.Tensor, influence: torch.Tensor, cfg: SelectorConfig
     d_mean = deviation.mean().clamp_min(1e-12)
     s_mean = influence.mean().clamp_min(1e-12)
     chosen = (deviation >= cfg.tau_dev * d_mean) | (influence >= cfg.tau_inf * s_mean)
-    suffix = torch.zeros(n, dtype=torch.bool, device=deviation.device)
-    suffix[max(0, n - cfg.suffix) :] = True
-    chosen |= suffix
+    edges = torch.zeros(n, dtype=torch.bool, device=deviation.device)
+    edges[max(0, n - cfg.suffix) :] = True
+    edges[: cfg.prefix] = True
+    chosen |= edges
     cap = int(cfg.recompute_budget * n)
     if chosen.sum() > cap:
         score = deviation / d_mean + influence / s_mean
-        score = torch.where(suffix, torch.full_like(score, float("inf")), score)
+        score = torch.where(edges, torch.full_like(score, float("inf")), score)
         score = torch.where(chosen, score, torch.full_like(score, float("-inf")))
         keep = torch.topk(score, cap).indices
         chosen = torch.zeros_like(chosen)

@@ -8,11 +8,13 @@ Segments
     see `RelayEngine.store_fingerprint`); the engine only splices segments whose fingerprint equals its own.
 
 Budget
-    `SegmentStore.budget_bytes` (default 2 GiB) bounds the bytes of the segments' tensors (token ids,
-    keys, values, hidden states); it is never exceeded: a segment larger than the whole budget is refused,
-    and others are evicted before one is added. The k-gram index (about 100 bytes per stored token, see
-    `matcher.KGramIndex`) and Python objects are not counted. With persistence on, the folder mirrors the
-    store, so it follows the same budget (plus a few hundred bytes of header per file and the index).
+    `SegmentStore.budget_bytes` (default 2 GiB) bounds `Segment.charged_bytes` summed over the stored
+    segments: their tensors (token ids, keys, values, hidden states) plus INDEX_BYTES_PER_TOKEN per token
+    for the matcher's k-gram index entry and id copy (measured with tracemalloc at 160-200 bytes per token;
+    tests/test_store.py checks the charge covers it). It is never exceeded: a segment larger than the whole
+    budget is refused, and others are evicted before one is added. Python object headers are not counted.
+    With persistence on, the folder mirrors the store, so it follows the same budget (plus a few hundred
+    bytes of header per file and the index).
 
 Eviction policy (GreedyDual-Size-Frequency, adapted)
     Each segment has a priority H = L + credit, set when it is added and whenever a request reuses it;
@@ -57,6 +59,7 @@ __all__ = ["Match", "PrefixCache", "Segment", "SegmentStore", "StoreStats"]
 log = logging.getLogger(__name__)
 
 KIND_BASE_CREDIT = {"decode": 1.0, "prefill": 0.5}
+INDEX_BYTES_PER_TOKEN = 256  # what the budget charges per stored token for its k-gram entry and id copy
 
 
 @dataclass(eq=False)
@@ -87,8 +90,13 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the segment's tensors (what the store's budget counts)."""
+        """Bytes of the segment's tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def charged_bytes(self) -> int:
+        """What the store's budget counts for it: its tensors plus its share of the k-gram index."""
+        return self.nbytes + INDEX_BYTES_PER_TOKEN * len(self)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"token_ids": self.token_ids, "keys": self.keys, "values": self.values}
@@ -108,13 +116,15 @@ class Segment:
 class StoreStats:
     """Counters of a `SegmentStore`. Read fields directly, or call it for a dict snapshot.
 
-    hits / misses: lookups (`find`) that returned at least one / no match. reused_tokens: tokens of
+    bytes: what the budget counts (`Segment.charged_bytes` summed), of which index_bytes for the k-gram
+    index. hits / misses: lookups (`find`) that returned at least one / no match. reused_tokens: tokens of
     stored segments handed to requests. evictions: segments evicted for space. rejected: segments refused
     (larger than the budget, or shorter than min_match_tokens). duplicates: adds of content already stored.
     """
 
     segments: int = 0
     bytes: int = 0
+    index_bytes: int = 0
     budget_bytes: int = 0
     tokens: int = 0
     hits: int = 0
@@ -136,8 +146,8 @@ class StoreStats:
 class SegmentStore:
     """Segments under a byte budget, evicted by the policy in the module docstring, found by k-grams.
 
-    budget_bytes: bound on stored tensor bytes. min_match_tokens: k of the k-gram index, and the shortest
-    match `find` returns. persist_dir: if given, a folder that mirrors the store (see `persist`); call
+    budget_bytes: bound on the stored segments' `charged_bytes`. min_match_tokens: k of the k-gram index,
+    and the shortest match `find` returns. persist_dir: if given, a folder that mirrors the store (see `persist`); call
     `load_persisted(fingerprint)` to reload it. Thread-safe.
     """
 
@@ -180,7 +190,7 @@ class SegmentStore:
         one is kept and refreshed). persist: write it to the persist folder (if any)."""
         with self._lock:
             self.stats.budget_bytes = self.budget_bytes
-            if seg.nbytes > self.budget_bytes or len(seg) < self.k:
+            if seg.charged_bytes > self.budget_bytes or len(seg) < self.k:
                 self.stats.rejected += 1
                 return False
             key = seg.content_key
@@ -188,7 +198,7 @@ class SegmentStore:
                 self.stats.duplicates += 1
                 self._set_priority(self._segments[self._by_content[key]])
                 return False
-            evicted = self._make_room(seg.nbytes)
+            evicted = self._make_room(seg.charged_bytes)
             seg.id = next(self._ids)
             self._segments[seg.id] = seg
             ids = seg.token_ids.to(torch.int64).cpu().numpy()
@@ -206,7 +216,8 @@ class SegmentStore:
 
     def _account(self, seg: Segment, sign: int) -> None:
         s = self.stats
-        s.bytes += sign * seg.nbytes
+        s.bytes += sign * seg.charged_bytes
+        s.index_bytes += sign * INDEX_BYTES_PER_TOKEN * len(seg)
         s.tokens += sign * len(seg)
         s.segments = len(self._segments)
         s.by_kind[seg.kind] = s.by_kind.get(seg.kind, 0) + sign
@@ -434,10 +445,11 @@ class PrefixCache:
             yield n
             stack.extend(n.children.values())
 
-    def lookup(self, token_ids: list[int], fingerprint: str | None = "", limit: int | None = None
-               ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    def lookup(self, token_ids: list[int], fingerprint: str | None = "", limit: int | None = None,
+               touch: bool = True) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
         """(n, keys[:, :, :n], values[:, :, :n]) of the longest stored prefix of `token_ids` (at most `limit`
-        tokens). fingerprint: the tree to search; None searches every tree."""
+        tokens). fingerprint: the tree to search; None searches every tree. touch: count the lookup (hits,
+        misses) and refresh the nodes' LRU clock; False leaves the cache as it was."""
         ids = list(token_ids if limit is None else token_ids[:limit])
         with self._lock:
             roots = list(self._roots.values()) if fingerprint is None else [self._roots.get(fingerprint)]
@@ -460,13 +472,14 @@ class PrefixCache:
                     best = pieces
             n = sum(m for _, m in best)
             if not n:
-                self.misses += 1
+                self.misses += touch
                 return 0, None, None
-            now = next(self._clock)
-            for node, _ in best:
-                node.last_used = now
-            self.hits += 1
-            self.hit_tokens += n
+            if touch:
+                now = next(self._clock)
+                for node, _ in best:
+                    node.last_used = now
+                self.hits += 1
+                self.hit_tokens += n
             keys = torch.cat([node.keys[:, :, :m] for node, m in best], dim=2)
             values = torch.cat([node.values[:, :, :m] for node, m in best], dim=2)
             return n, keys, values

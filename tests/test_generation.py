@@ -32,6 +32,11 @@ def test_stop_string_across_token_boundary(tiny):
     assert res.finish_reason == "stop"
     assert res.text == full.text[: full.text.find(stop)]
     assert stop not in res.text
+    # token_ids are the tokens of the returned text, without the stop string's; so is the stored output.
+    assert res.text.startswith(tiny._decode(res.token_ids)) and stop not in tiny._decode(res.token_ids)
+    assert res.token_ids == full.token_ids[: len(res.token_ids)] and len(res.token_ids) < res.stats.completion_tokens
+    stored = [s.token_ids.tolist() for s in tiny.store if s.kind == "decode"]
+    assert res.token_ids in stored or len(res.token_ids) < tiny.store.k
 
 
 def test_stream_joins_to_the_non_streaming_text(tiny):
@@ -76,7 +81,7 @@ def _segment(n: int, first: int = 0) -> Segment:
 
 
 def test_store_never_exceeds_its_budget():
-    one = _segment(20).nbytes
+    one = _segment(20).charged_bytes
     store = SegmentStore(budget_bytes=int(3.5 * one), min_match_tokens=4)
     for i in range(10):
         assert store.add(_segment(20, first=1000 * i))  # distinct contents (equal ones are stored once)
@@ -87,7 +92,7 @@ def test_store_never_exceeds_its_budget():
 
 
 def test_store_evicts_least_recently_used():
-    store = SegmentStore(budget_bytes=2 * _segment(10).nbytes, min_match_tokens=4)
+    store = SegmentStore(budget_bytes=2 * _segment(10).charged_bytes, min_match_tokens=4)
     a, b = _segment(10), Segment(token_ids=torch.arange(100, 110), keys=torch.zeros(2, 1, 10, 4),
                                  values=torch.zeros(2, 1, 10, 4), start_pos=0, fingerprint="x")
     store.add(a)
@@ -140,3 +145,17 @@ def test_teacher_force_shape(tiny):
     out = tiny.teacher_force(USER, [10, 11, 12, 13], schedule="full")
     assert out.shape == (4, tiny.model.config.vocab_size)
     assert torch.allclose(out.exp().sum(-1), torch.ones(4), atol=1e-4)
+
+
+def test_teacher_force_measures_without_touching_the_store(tiny):
+    """teacher_force stores nothing and counts nothing: hits, reuse credit and prefix-cache stats stay put."""
+    prompt = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    out = tiny.complete(prompt, max_new_tokens=12).token_ids
+    later = [7, 8, 9] + out + [10, 11, 12]
+    seg_hits = {s.id: (s.hits, s.reused_tokens, s.priority) for s in tiny.store}
+    before, prefix_before = tiny.store.stats(), tiny.prefix_cache.stats()
+    tiny.teacher_force(later, [10, 11], schedule="naive")
+    assert {s.id: (s.hits, s.reused_tokens, s.priority) for s in tiny.store} == seg_hits
+    assert tiny.store.stats() == before and tiny.prefix_cache.stats() == prefix_before
+    stats = tiny.complete(later, max_new_tokens=1, schedule="naive").stats  # a real call does count
+    assert stats.span_tokens == len(out) and tiny.store.stats.hits == before["hits"] + 1

@@ -141,3 +141,29 @@ def test_real_rag_document_reappearing_at_another_position_is_reused_as_prefill(
     with_label = e.encode(f"context:\n{DOC}", special_tokens=False)
     assert len(doc) - EDGE <= stats.span_kinds["prefill"] <= len(with_label) + 1, stats
     assert stats.reused_tokens >= len(doc) - EDGE
+
+
+def test_real_prompt_text_found_in_another_role_is_repaired_at_its_edges(e):
+    """The finding behind the selector's `prefix`: the demo's Reviewer prompt holds pieces of the Architect's
+    few-shot spec as restated review lines (19 tokens each, found in the stored Architect prompt). Each piece
+    starts right after "Review:" where its stored copy had "Specification:", and those first tokens' K/V
+    carry the old context: spliced as they are, the next-token distribution is wrecked (KL ~2 nats). relay
+    recomputes the first `prefix` tokens of every span and stays faithful."""
+    from relay_llm import demo
+
+    e.complete(demo.render_plain(demo.build_messages(demo.AGENTS[0], demo.TASK, {})), max_new_tokens=1)
+    spec = "1. The program is called todo.py.\n2. add TEXT adds a task.\n3. list prints the tasks."
+    code = "import json\n\n\ndef main():\n    print('todo')\n\n\nmain()"
+    ids = e.encode(demo.render_plain(demo.build_messages(demo.AGENTS[2], demo.TASK, {"spec": spec, "code": code})))
+    pieces = [m for m in e.store.find(ids, 0, len(ids) - 1, touch=False) if m.length < 32]
+    assert len(pieces) >= 3 and {m.segment.kind for m in pieces} == {"prefill"}, pieces
+
+    def first_kl(schedule: str, relay: dict | None = None) -> float:
+        e.prefix_cache.clear()
+        x = e.teacher_force(ids, [0], schedule=schedule, relay=relay)
+        return torch.sum(full.exp() * (full - x), -1).item()
+
+    full = e.teacher_force(ids, [0], schedule="full")
+    repaired, unrepaired = first_kl("relay"), first_kl("relay", {"prefix": 0})
+    assert repaired < 0.05, (repaired, unrepaired)
+    assert unrepaired > 10 * repaired, (repaired, unrepaired)

@@ -120,13 +120,20 @@ def test_unknown_settings_are_refused(tiny):
 def test_selector_thresholds_give_known_sets():
     d = torch.tensor([0.1, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])  # mean 0.18: 0.9 >= 1.5 * mean
     s = torch.tensor([0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # mean 0.5: 5 >= 1.45 * mean
-    cfg = SelectorConfig(suffix=2)
+    cfg = SelectorConfig(suffix=2, prefix=0)
     assert select(d, s, cfg).nonzero().flatten().tolist() == [1, 2, 8, 9]
-    assert select(d, s, SelectorConfig(suffix=0)).nonzero().flatten().tolist() == [1, 2]
-    assert select(d, s, SelectorConfig(suffix=0, tau_dev=10, tau_inf=100)).sum() == 0
-    capped = select(d, s, SelectorConfig(suffix=2, recompute_budget=0.3))  # 3 of 10: suffix first
+    assert select(d, s, SelectorConfig(suffix=0, prefix=0)).nonzero().flatten().tolist() == [1, 2]
+    assert select(d, s, SelectorConfig(suffix=0, prefix=0, tau_dev=10, tau_inf=100)).sum() == 0
+    capped = select(d, s, SelectorConfig(suffix=2, prefix=0, recompute_budget=0.3))  # 3 of 10: suffix first
     assert capped.nonzero().flatten().tolist() == [1, 8, 9] or capped.nonzero().flatten().tolist() == [2, 8, 9]
     assert capped.sum() == 3
+    # The first `prefix` tokens are always selected, and kept first under a budget like the suffix.
+    assert select(d, s, SelectorConfig(suffix=0, prefix=1, tau_dev=10, tau_inf=100)).nonzero().flatten().tolist() == [0]
+    assert select(d, s, SelectorConfig(suffix=2, prefix=4)).nonzero().flatten().tolist() == [0, 1, 2, 3, 8, 9]
+    capped = select(d, s, SelectorConfig(suffix=1, prefix=1, tau_dev=10, tau_inf=100, recompute_budget=0.2))
+    assert capped.nonzero().flatten().tolist() == [0, 9]
+    with pytest.raises(ValueError, match="prefix must be >= 0"):
+        SelectorConfig().updated({"prefix": -1})
 
 
 def test_value_deviation():

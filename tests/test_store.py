@@ -9,14 +9,16 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay_llm.engine import EngineConfig, RelayEngine
+from relay_llm.matcher import KGramIndex
 from relay_llm.profiler import Profile
-from relay_llm.store import PrefixCache, Segment, SegmentStore
+from relay_llm.store import INDEX_BYTES_PER_TOKEN, PrefixCache, Segment, SegmentStore
 
 from .test_matching import DOC, SPEC_ANSWER, relay_answer
 
@@ -48,7 +50,7 @@ def test_budget_is_never_exceeded_under_random_operations(ops, budget):
         if op == "add":
             s = seg(ids, kind, width=1)
             added = store.add(s)
-            assert added or s.nbytes > budget or n < 4 or any(len(x) == n and x.token_ids[0] == 1000 * key
+            assert added or s.charged_bytes > budget or n < 4 or any(len(x) == n and x.token_ids[0] == 1000 * key
                                                               for x in store)
         elif op == "find":
             find(store, ids)
@@ -56,12 +58,12 @@ def test_budget_is_never_exceeded_under_random_operations(ops, budget):
             store.remove(key)
         assert store.stats.bytes <= budget
         segs = list(store)
-        assert store.stats.bytes == sum(s.nbytes for s in segs) and store.stats.segments == len(segs)
+        assert store.stats.bytes == sum(s.charged_bytes for s in segs) and store.stats.segments == len(segs)
         assert len(store._index) == sum(len(s) - 3 for s in segs)  # every k-gram of every segment, no more
 
 
 def test_plain_lru_when_nothing_is_reused():
-    store = SegmentStore(budget_bytes=3 * seg(range(10)).nbytes, min_match_tokens=4)
+    store = SegmentStore(budget_bytes=3 * seg(range(10)).charged_bytes, min_match_tokens=4)
     a, b, c, d = (seg(range(100 * i, 100 * i + 10)) for i in range(4))
     for s in (a, b, c):
         store.add(s)
@@ -71,7 +73,7 @@ def test_plain_lru_when_nothing_is_reused():
 
 
 def test_a_hot_segment_outlives_newer_cold_ones_but_ages_out():
-    one = seg(range(10)).nbytes
+    one = seg(range(10)).charged_bytes
     store = SegmentStore(budget_bytes=3 * one, min_match_tokens=4)
     hot = seg(range(10))
     store.add(hot)
@@ -87,8 +89,8 @@ def test_a_hot_segment_outlives_newer_cold_ones_but_ages_out():
 
 def test_a_long_segment_quoted_a_little_goes_before_a_short_one_reused_whole():
     long_seg, short_seg = seg(range(1000, 1200)), seg(range(5000, 5020))
-    store = SegmentStore(budget_bytes=long_seg.nbytes + short_seg.nbytes + seg(range(20)).nbytes - 1,
-                         min_match_tokens=8)
+    budget = long_seg.charged_bytes + short_seg.charged_bytes + seg(range(20)).charged_bytes - 1
+    store = SegmentStore(budget_bytes=budget, min_match_tokens=8)
     store.add(long_seg)
     store.add(short_seg)
     find(store, range(1050, 1066))  # a 16-token quote of 200 tokens
@@ -98,7 +100,7 @@ def test_a_long_segment_quoted_a_little_goes_before_a_short_one_reused_whole():
 
 
 def test_prompt_chunks_go_before_outputs_of_the_same_age():
-    store = SegmentStore(budget_bytes=2 * seg(range(10)).nbytes, min_match_tokens=4)
+    store = SegmentStore(budget_bytes=2 * seg(range(10)).charged_bytes, min_match_tokens=4)
     out, chunk = seg(range(10), "decode"), seg(range(100, 110), "prefill")
     store.add(out)
     store.add(chunk)
@@ -107,7 +109,7 @@ def test_prompt_chunks_go_before_outputs_of_the_same_age():
 
 
 def test_duplicates_are_stored_once_and_oversized_or_short_segments_refused():
-    store = SegmentStore(budget_bytes=seg(range(50)).nbytes, min_match_tokens=8)
+    store = SegmentStore(budget_bytes=seg(range(50)).charged_bytes, min_match_tokens=8)
     assert store.add(seg(range(20)))
     assert not store.add(seg(range(20)))  # same content, same fingerprint
     assert store.add(seg(range(20), fp="other"))  # same content made by another model: a different item
@@ -132,13 +134,31 @@ def test_stats_and_clear():
     assert len(store) == 0 and store.stats.bytes == 0 and find(store, range(100, 130)) == []
 
 
+def test_index_charge_covers_the_measured_index_memory():
+    """The budget's per-token charge for the k-gram index is at least what the index really allocates."""
+    import tracemalloc
+
+    ids = [np.random.default_rng(i).integers(0, 262144, 100).astype(np.int64) for i in range(300)]
+    index = KGramIndex(16)
+    tracemalloc.start()
+    try:
+        for i, x in enumerate(ids):
+            index.add(1000 + i, x)
+        allocated, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_token = (allocated + 8 * sum(len(x) for x in ids)) / sum(len(x) for x in ids)  # + the store's id copy
+    assert 100 < per_token <= INDEX_BYTES_PER_TOKEN, per_token
+
+
 def test_engine_bytes_per_token(tiny):
     """Decode segments hold K/V (+ ids and one hidden vector) per token: measured, not assumed."""
     tiny.complete([5] * 10, max_new_tokens=20)
     s = tiny.store.stats()
     kv = tiny.executor.kv_bytes_per_token()
     hidden = tiny.executor.config.hidden_size * 4
-    assert s["bytes_per_token"] == kv + hidden + 8
+    assert s["bytes_per_token"] == kv + hidden + 8 + INDEX_BYTES_PER_TOKEN
+    assert s["index_bytes"] == INDEX_BYTES_PER_TOKEN * s["tokens"]
 
 
 # ---- radix exact-prefix cache ------------------------------------------------------------------------------
@@ -370,12 +390,12 @@ def test_corrupt_truncated_or_foreign_files_are_skipped_with_a_warning(tmp_path,
 
 
 def test_persist_folder_follows_the_budget(tmp_path):
-    one = seg(range(20)).nbytes
+    one = seg(range(20)).charged_bytes
     store = SegmentStore(budget_bytes=3 * one, min_match_tokens=4, persist_dir=tmp_path)
     for i in range(10):
         store.add(seg(range(100 * i, 100 * i + 20)))
     assert len(store) == 3 and len(list(tmp_path.glob("*.safetensors"))) == 3
-    headers = store.files.disk_bytes() - store.stats.bytes
+    headers = store.files.disk_bytes() - (store.stats.bytes - store.stats.index_bytes)
     assert headers < 3 * 600 + (tmp_path / "index.json").stat().st_size
     small = SegmentStore(budget_bytes=2 * one, min_match_tokens=4, persist_dir=tmp_path)  # a smaller budget
     assert small.load_persisted("fp") == 3 and len(small) == 2
@@ -388,7 +408,7 @@ def test_persist_folder_follows_the_budget(tmp_path):
 @given(st.lists(st.integers(10, 40), min_size=1, max_size=12))
 def test_persisted_store_reloads_exactly_what_was_kept(tmp_path_factory, lengths):
     folder = tmp_path_factory.mktemp("p")
-    store = SegmentStore(budget_bytes=3 * seg(range(40)).nbytes, min_match_tokens=4, persist_dir=folder)
+    store = SegmentStore(budget_bytes=3 * seg(range(40)).charged_bytes, min_match_tokens=4, persist_dir=folder)
     for i, n in enumerate(lengths):
         store.add(seg(range(1000 * i, 1000 * i + n)))
         assert store.stats.bytes <= store.budget_bytes

@@ -126,7 +126,8 @@ class Metrics:
         read_now: list[_Row] = []  # the store and prefix cache, read at scrape time
         if store_stats is not None:
             read_now += [
-                ("relay_store_bytes", "gauge", "Bytes of K/V held in the segment store.", store_stats.bytes),
+                ("relay_store_bytes", "gauge", "Bytes the segment store's budget counts (K/V, hidden states, ids, "
+                 "k-gram index).", store_stats.bytes),
                 ("relay_store_budget_bytes", "gauge", "Byte budget of the segment store.", store_stats.budget_bytes),
                 ("relay_store_segments", "gauge", "Segments held in the segment store.", store_stats.segments),
                 ("relay_store_evictions_total", "counter", "Segments evicted from the store.", store_stats.evictions),

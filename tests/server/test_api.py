@@ -274,7 +274,8 @@ def test_mid_stream_failure_sends_an_error_event_then_done(client, http, server_
 
 
 def test_metrics_exposition(client, http):
-    client.chat.completions.create(model=MODEL, messages=msgs("Count me."), max_tokens=2)
+    # 20 tokens: long enough for the output to be stored, so the store gauge is > 0 even when run alone
+    client.chat.completions.create(model=MODEL, messages=msgs("Count me."), max_tokens=20, temperature=0)
     text = http.get("/metrics").text
     assert http.get("/metrics").headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {}

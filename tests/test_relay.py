@@ -77,6 +77,22 @@ def test_quality_guard_recomputes_a_deviating_span(tiny):
     assert (guarded - full).abs().max().item() < 1e-4
 
 
+def test_relay_recomputes_each_spans_first_and_last_tokens_through_the_band(tiny):
+    """With the thresholds out of reach, relay recomputes exactly `prefix` + `suffix` tokens per span after det."""
+    prompt, cont = _handoff(tiny, seed=35)
+    last = tiny.executor.num_layers - 1
+    settings = {"start_layer": 0, "det_layer": 0, "end_layer": last, "tau_dev": 1e9, "tau_inf": 1e9,
+                "min_span_tokens": 1, "max_span_deviation": 2.0}
+    for prefix, suffix in ((0, 0), (3, 0), (3, 2), (30, 0)):
+        stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay",
+                              relay={**settings, "prefix": prefix, "suffix": suffix}).stats
+        assert stats.span_tokens == 24
+        assert stats.recomputed_cells == 24 + min(prefix + suffix, 24) * last  # all at det (0), then the edges
+    full = tiny.teacher_force(prompt, cont, schedule="full")
+    whole = tiny.teacher_force(prompt, cont, schedule="relay", relay={**settings, "prefix": 24, "suffix": 0})
+    assert (whole - full).abs().max().item() < 1e-4  # a prefix covering the span is full recompute
+
+
 def test_short_spans_are_not_reused_by_relay(tiny):
     prompt, _ = _handoff(tiny, seed=40)
     settings = {"start_layer": 0, "det_layer": 0, "end_layer": 0, "min_span_tokens": 100}

@@ -21,7 +21,7 @@ from . import loading, structured
 from .executor import Executor, KVBuffers
 from .matcher import chunk_bounds
 from .profiler import Profile, find_profile
-from .rope import rotate
+from .rope import rotate_layers
 from .schedules import PrefillPlan, Schedule, get_schedule
 from .selector import SelectorConfig
 from .stats import RequestStats
@@ -412,7 +412,7 @@ class RelayEngine:
                 keys = seg.keys[:, :, m.offset : m.offset + m.length]
                 delta = m.start - (seg.start_pos + m.offset)
                 if delta:
-                    keys = torch.stack([rotate(keys[i], delta, spec) for i, spec in enumerate(ex.rope)])
+                    keys = rotate_layers(keys, delta, ex.rope)
                 kv.write(m.start, keys, seg.values[:, :, m.offset : m.offset + m.length])
         ids_t = torch.tensor(ids, dtype=torch.long, device=ex.device)
         layer_plan = schedule.layer_plan(plan, ex)

@@ -45,17 +45,18 @@ class KVBuffers:
 
 
 class _ScatterCache:
-    """What an HF attention layer sees as its cache: `update` scatters the active tokens' K/V."""
+    """What an HF attention layer sees as its cache: `update` scatters the active tokens' K/V and returns
+    slots [lo, length), the ones the active queries may see (lo > 0 only under a sliding window)."""
 
-    def __init__(self, kv: KVBuffers, slots: torch.Tensor, length: int):
-        self.kv, self.slots, self.length = kv, slots, length
+    def __init__(self, kv: KVBuffers, slots: torch.Tensor, lo: int, length: int):
+        self.kv, self.slots, self.lo, self.length = kv, slots, lo, length
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states: [1, kv_heads, n_active, head_dim]
         self.kv.keys[layer_idx][:, self.slots] = key_states[0]
         self.kv.values[layer_idx][:, self.slots] = value_states[0]
-        return (self.kv.keys[layer_idx, :, : self.length].unsqueeze(0),
-                self.kv.values[layer_idx, :, : self.length].unsqueeze(0))
+        return (self.kv.keys[layer_idx, :, self.lo : self.length].unsqueeze(0),
+                self.kv.values[layer_idx, :, self.lo : self.length].unsqueeze(0))
 
 
 @dataclass
@@ -76,7 +77,11 @@ class LayerPlan(Protocol):
     """Per-layer active sets: what a schedule hands the executor."""
 
     def active(self, state: LayerState) -> torch.Tensor:
-        """Sorted indices into the run's T tokens to compute at `state.layer`."""
+        """Sorted indices into the run's T tokens to compute at `state.layer`.
+
+        Never modify a returned tensor in place: the executor reuses work (the attention mask) for a
+        tensor it has already seen in this run.
+        """
         ...
 
     def after_layer(self, state: LayerState) -> None:
@@ -151,6 +156,26 @@ class Executor:
         neg = torch.tensor(torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, neg)[None, None]
 
+    def _run_mask(self, masks: dict, act: torch.Tensor, q_pos: torch.Tensor, end: int,
+                  window: int | None) -> tuple[int, torch.Tensor]:
+        """(lo, mask) for queries at q_pos [n] over slots [0, end) under `window`.
+
+        lo: the first slot any of the queries can see (0 without a window); mask: additive
+        [1, 1, n, end - lo] over slots [lo, end). Keys before lo are not even handed to attention, so a
+        sliding layer attends over at most window + n - 1 slots however long the sequence is.
+        masks: window -> (act, lo, mask) of the last active set seen with that window in this run. It is
+        reused for the same tensor object (static plans) or for an equal set (plans that rebuild it).
+        """
+        if window is not None and window >= end:
+            window = None  # the window covers every slot: the same mask as a global layer
+        seen = masks.get(window)
+        if seen is not None and (seen[0] is act or (seen[0].shape == act.shape and torch.equal(seen[0], act))):
+            return seen[1], seen[2]
+        lo = max(0, int(q_pos.min()) - window + 1) if window is not None else 0
+        mask = self._mask(q_pos, torch.arange(lo, end, device=self.device), window)
+        masks[window] = (act, lo, mask)
+        return lo, mask
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (+ Gemma's softcap) on [n, hidden] -> [n, vocab] fp32."""
         out = self.model.lm_head(self.base.norm(hidden[None]))[0].float()
@@ -209,7 +234,6 @@ class Executor:
         plan = plan or AllTokens(t, self.device)
         positions = torch.arange(start, end, device=self.device)
         hidden = self.base.embed_tokens(input_ids[None].to(self.device))[0]
-        all_pos = torch.arange(end, device=self.device)
         kv.length = max(kv.length, end)
         rope_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer_type in set(self.layer_types):
@@ -217,6 +241,7 @@ class Executor:
             rope_cache[layer_type] = self.base.rotary_emb(*args)
         captured = None
         token_layers = torch.zeros(t, dtype=torch.long, device=self.device)
+        masks: dict[int | None, tuple[torch.Tensor, int, torch.Tensor]] = {}  # see `_run_mask`
         for i, layer in enumerate(self.layers):
             if capture_layer == i:
                 captured = hidden.clone()
@@ -225,13 +250,14 @@ class Executor:
             token_layers[act] += 1
             if act.numel():
                 cos, sin = rope_cache[self.layer_types[i]]
-                mask = self._mask(positions[act], all_pos, self.windows[i])
+                q_pos = positions[act]
+                lo, mask = self._run_mask(masks, act, q_pos, end, self.windows[i])
                 out = layer(
                     hidden[act][None],
                     attention_mask=mask,
                     position_embeddings=(cos[:, act], sin[:, act]),
-                    position_ids=positions[act][None],
-                    cache=_ScatterCache(kv, positions[act], end),
+                    position_ids=q_pos[None],
+                    cache=_ScatterCache(kv, q_pos, lo, end),
                 )
                 hidden[act] = out[0] if not isinstance(out, tuple) else out[0][0]
             plan.after_layer(state)

@@ -42,14 +42,45 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor | int, spec: RopeSpec) -> tor
     keys: [..., T, head_dim] in any float dtype; computed in fp32, returned in keys' dtype.
     delta: int, or [T] integer tensor of per-token shifts (p_new - p_old).
     """
+    return _rotate_by(keys, *_cos_sin(delta, keys.shape[-2], spec, keys.device), spec)
+
+
+def rotate_layers(keys: torch.Tensor, delta: torch.Tensor | int, specs: list[RopeSpec]) -> torch.Tensor:
+    """Rotate every layer's post-RoPE keys by `delta` positions; cos/sin computed once per distinct spec.
+
+    keys: [num_layers, ..., T, head_dim] (e.g. [num_layers, kv_heads, T, head_dim]); specs: one per layer.
+    delta: int, or [T] integer tensor. Returns keys' shape and dtype, equal to
+    `torch.stack([rotate(keys[i], delta, spec) for i, spec in enumerate(specs)])`.
+    Layers are applied one by one: on CPU one call over a whole group of layers is slower (its
+    temporaries leave the cache).
+    """
+    if len(specs) != keys.shape[0]:
+        raise ValueError(f"{len(specs)} RoPE specs for {keys.shape[0]} layers")
+    out = torch.empty_like(keys)
+    angles: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # spec layout -> (cos, sin)
+    for i, spec in enumerate(specs):
+        layout = (tuple(spec.inv_freq.tolist()), spec.rotary_dim, spec.interleaved, spec.rope_type)
+        if layout not in angles:
+            angles[layout] = _cos_sin(delta, keys.shape[-2], spec, keys.device)
+        out[i] = _rotate_by(keys[i], *angles[layout], spec)
+    return out
+
+
+def _cos_sin(delta: torch.Tensor | int, t: int, spec: RopeSpec, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the rotation angles: [1, rotary_dim // 2] for one shift, [T, rotary_dim // 2] per token."""
     if not spec.composable:
         raise ValueError(f"RoPE type {spec.rope_type!r} is not composable; recompute instead of rotating")
-    t = keys.shape[-2]
-    d = torch.as_tensor(delta, device=keys.device, dtype=torch.float64).expand(t)
-    angles = (d[:, None] * spec.inv_freq.to(keys.device, torch.float64)[None, :]).float()  # [T, r/2]
-    cos, sin = angles.cos(), angles.sin()
+    d = torch.as_tensor(delta, device=device, dtype=torch.float64).reshape(-1, 1)
+    if d.shape[0] not in (1, t):
+        raise ValueError(f"{d.shape[0]} shifts for {t} keys")
+    angles = (d * spec.inv_freq.to(device, torch.float64)[None, :]).float()
+    return angles.cos(), angles.sin()
+
+
+def _rotate_by(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """keys [..., T, head_dim] rotated by the angles of `_cos_sin`, in fp32; returned in keys' dtype."""
     k = keys.float()
-    rot, rest = k[..., : spec.rotary_dim], k[..., spec.rotary_dim :]
+    rot = k[..., : spec.rotary_dim]
     if spec.interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
@@ -57,7 +88,9 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor | int, spec: RopeSpec) -> tor
         half = spec.rotary_dim // 2
         x1, x2 = rot[..., :half], rot[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((out, rest), dim=-1).to(keys.dtype)
+    if spec.rotary_dim < k.shape[-1]:
+        out = torch.cat((out, k[..., spec.rotary_dim :]), dim=-1)
+    return out.to(keys.dtype)
 
 
 def layer_specs(model) -> list[RopeSpec]:

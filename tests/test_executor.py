@@ -48,3 +48,66 @@ def test_sliding_window_is_applied(tiny_engines):
         ex.windows = saved
     assert (no_window - ref).abs().max().item() > 1e-3
     assert (ex.run(ids, 0, ex.new_buffers(50)).logits[0] - ref).abs().max().item() < 1e-4
+
+
+class _FreshAll:
+    """Every token at every layer, as a new tensor object per layer (like plans that rebuild their sets)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def active(self, state):
+        return torch.arange(self.n)
+
+    def after_layer(self, state):
+        pass
+
+
+class _PerLayer:
+    """A fixed list of active sets, one per layer."""
+
+    def __init__(self, sets: list[torch.Tensor]):
+        self.sets = sets
+
+    def active(self, state):
+        return self.sets[state.layer]
+
+    def after_layer(self, state):
+        pass
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral", "llama"])
+@pytest.mark.parametrize("n", [12, 50])  # 12: shorter than the sliding windows
+def test_fresh_active_tensors_per_layer_match_model(tiny_engines, family, n):
+    engine = tiny_engines[family]
+    ex = engine.executor
+    ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref = engine.model(ids[None]).logits[0].float()
+    rows = torch.arange(n)
+    fresh = ex.run(ids, 0, ex.new_buffers(n), _FreshAll(n), logit_rows=rows).logits
+    assert (fresh - ref).abs().max().item() < 1e-4
+    assert (ex.run(ids, 0, ex.new_buffers(n), logit_rows=rows).logits - ref).abs().max().item() < 1e-4
+
+
+def test_changing_active_sets_never_reuse_a_stale_mask(tiny_engines, monkeypatch):
+    """Same-size but different sets at consecutive layers (and an equal set as a new object): the run
+    equals one that builds every layer's mask afresh over all slots (no window slicing)."""
+    engine = tiny_engines["gemma3"]
+    ex = engine.executor
+    ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(6))
+    a, b = torch.arange(20, 40), torch.cat([torch.arange(4, 14), torch.arange(30, 40)])
+    sets = [a, b, b.clone(), torch.arange(10, 30)]  # layer 2 is the global layer
+
+    def run():
+        kv = ex.new_buffers(40)
+        ex.run(ids, 0, kv)  # fill every slot, then recompute the sets over it
+        res = ex.run(ids, 0, kv, _PerLayer(sets), logit_rows=torch.arange(40))
+        return res.logits, kv.keys.clone(), kv.values.clone()
+
+    got = run()  # cached masks; sliding layers see only the slots inside the window
+    monkeypatch.setattr(ex, "_run_mask", lambda masks, act, q_pos, end, window: (
+        0, ex._mask(q_pos, torch.arange(end), window)))  # every mask fresh, over every slot
+    want = run()
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).abs().max().item() < 1e-5

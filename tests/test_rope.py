@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from relay_llm.rope import RopeSpec, layer_specs, rotate
+from relay_llm.rope import RopeSpec, layer_specs, rotate, rotate_layers
 
 from .tiny import FAMILIES
 
@@ -110,3 +110,34 @@ def test_gemma3_layer_types_have_their_own_bases(tiny_engines):
             cos, sin = rotary(raw, p, lt)
             return apply_rotary_pos_emb(raw, raw, cos, sin)[1]
         assert torch.allclose(rotate(hf(pos), 200, spec), hf(pos + 200), atol=1e-4)
+
+
+@pytest.mark.parametrize("delta", [57, -9, "per_token"])
+def test_rotate_layers_equals_per_layer_loop(tiny_engines, delta):
+    """Gemma 3's two layer types (different bases), grouped, give the per-layer result."""
+    specs = tiny_engines["gemma3"].executor.rope
+    assert len({tuple(s.inv_freq.tolist()) for s in specs}) == 2
+    keys = torch.randn(len(specs), 1, 30, 16)
+    if delta == "per_token":
+        delta = torch.randint(-50, 500, (30,), generator=torch.Generator().manual_seed(7))
+    want = torch.stack([rotate(keys[i], delta, spec) for i, spec in enumerate(specs)])
+    assert torch.allclose(rotate_layers(keys, delta, specs), want, rtol=0, atol=1e-6)
+
+
+def test_rotate_layers_groups_by_layout_not_by_object():
+    """Equal inv_freq in separate objects group together; pairing and rotary_dim keep groups apart."""
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    specs = [RopeSpec(inv, 16), RopeSpec(inv.clone(), 16), RopeSpec(inv, 16, interleaved=True),
+             RopeSpec(inv[:4].clone(), 8), RopeSpec(inv * 0.5, 16)]
+    keys = torch.randn(len(specs), 2, 9, 16, dtype=torch.bfloat16)
+    for delta in (3, torch.arange(9) * 11):
+        want = torch.stack([rotate(keys[i], delta, spec) for i, spec in enumerate(specs)])
+        got = rotate_layers(keys, delta, specs)
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), want.float(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="specs for"):
+        rotate_layers(keys, 1, specs[:2])
+    with pytest.raises(ValueError, match="shifts for"):
+        rotate_layers(keys, torch.arange(4), specs)
+    with pytest.raises(ValueError, match="not composable"):
+        rotate_layers(keys, 1, specs[:4] + [RopeSpec(inv, 16, rope_type="dynamic")])

@@ -50,6 +50,7 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "epic": ("epic", None),
     "relay": ("relay", None),
     "relay (budget 0.1)": ("relay", {"recompute_budget": 0.1}),
+    "relay (no edge repair)": ("relay", {"prefix": 0}),  # the selector without its first-tokens rule
 }
 SHORT_PREFIX = (
     "You are the Reviewer agent of a small software team. The Architect agent has written the design "
@@ -149,7 +150,7 @@ def report(results: list[dict], out: Path, cmd: str, elapsed: float) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
-    markers = dict(zip(SCHEDULES, "o^sDvP", strict=True))
+    markers = dict(zip(SCHEDULES, "o^sDvPX", strict=True))
     for label in SCHEDULES:
         if label == "full":
             continue

@@ -7,6 +7,7 @@ from any thread and queue on it.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import queue
 import threading
@@ -22,6 +23,7 @@ from .executor import Executor, KVBuffers
 from .matcher import chunk_bounds
 from .profiler import Profile, find_profile
 from .rope import rotate_layers
+from .sampling import Penalties, sample
 from .schedules import PrefillPlan, Schedule, get_schedule
 from .selector import SelectorConfig
 from .stats import RequestStats
@@ -70,6 +72,12 @@ class GenerationOptions:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    # Penalties (relay_llm.sampling), before any grammar mask, greedy too. OpenAI's, over the generated tokens:
+    # logit -= frequency_penalty * count + presence_penalty * (count > 0). Hugging Face's, over prompt and
+    # generated tokens: logit / repetition_penalty if logit > 0 else logit * repetition_penalty.
+    presence_penalty: float = 0.0  # [-2, 2]
+    frequency_penalty: float = 0.0  # [-2, 2]
+    repetition_penalty: float = 1.0  # > 0; 1 = off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     schedule: str | Schedule | None = None
@@ -91,6 +99,11 @@ class GenerationOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
 
 
 @dataclass
@@ -472,10 +485,15 @@ class RelayEngine:
         hold = max((len(s) for s in opts.stop), default=1) - 1
         finish = "length"
         constraint = opts.grammar.matcher() if opts.grammar is not None else None
+        penalties = Penalties(opts, ids, logits.numel(), logits.device) if Penalties.active(opts) else None
         while True:
+            if penalties is not None:
+                penalties.apply(logits)
             if constraint is not None:
                 constraint.mask(logits)  # tokens the grammar forbids next -> -inf
-            tok = _sample(logits, opts, gen)
+            tok = sample(logits, opts, gen)
+            if penalties is not None:
+                penalties.update(tok)
             if not generated:
                 stats.ttft_s = time.perf_counter() - t0
             generated.append(tok)
@@ -578,22 +596,6 @@ class RelayEngine:
             rest = torch.tensor(cont[:-1], dtype=torch.long, device=ex.device)
             rows.append(ex.run(rest, n, kv, logit_rows=torch.arange(len(cont) - 1)).logits)
         return torch.log_softmax(torch.cat(rows).float(), dim=-1).cpu()
-
-
-def _sample(logits: torch.Tensor, opts: GenerationOptions, gen: torch.Generator) -> int:
-    """One token id from [vocab] logits: greedy at temperature 0, else top-k / top-p sampling."""
-    if opts.temperature <= 0:
-        return int(torch.argmax(logits))
-    scores = logits.float().cpu() / opts.temperature
-    if opts.top_k:
-        kth = torch.topk(scores, min(opts.top_k, scores.numel())).values[-1]
-        scores[scores < kth] = float("-inf")
-    if opts.top_p < 1:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_scores, -1) >= opts.top_p  # keep the smallest set reaching top_p
-        scores[order[drop]] = float("-inf")
-    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=gen))
 
 
 _SHARED: dict[tuple[str, str, str], RelayEngine] = {}

@@ -173,6 +173,12 @@ class ChatRelayLLM(BaseChatModel):
     """Most tokens to generate (engine default when None)."""
     top_p: float | None = None
     top_k: int | None = None
+    presence_penalty: float | None = None
+    """In [-2, 2]: subtracted from the logit of every token generated so far (OpenAI's)."""
+    frequency_penalty: float | None = None
+    """In [-2, 2]: times a token's count so far, subtracted from its logit (OpenAI's)."""
+    repetition_penalty: float | None = None
+    """> 0, 1 = off: divides positive and multiplies negative logits of prompt and generated tokens (HF / vLLM's)."""
     seed: int | None = None
     stop: list[str] | None = None
     """Stop strings: generation ends before the first one."""
@@ -195,7 +201,8 @@ class ChatRelayLLM(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": self.stop, "schedule": self.schedule}
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "repetition_penalty": self.repetition_penalty, "stop": self.stop, "schedule": self.schedule}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=self._model_name(kwargs.get("model")),
@@ -223,7 +230,9 @@ class ChatRelayLLM(BaseChatModel):
         """(model override, engine messages, engine generation kwargs) for one call."""
         opts: dict[str, Any] = {}
         for field, key in (("temperature", "temperature"), ("max_tokens", "max_new_tokens"), ("top_p", "top_p"),
-                           ("top_k", "top_k"), ("seed", "seed"), ("schedule", "schedule")):
+                           ("top_k", "top_k"), ("seed", "seed"), ("schedule", "schedule"),
+                           ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+                           ("repetition_penalty", "repetition_penalty")):
             value = kwargs.get(field, getattr(self, field))
             if value is not None:
                 opts[key] = value

@@ -137,7 +137,9 @@ def _errors(*statuses: int) -> dict:
 
 def _generation(model: type) -> dict:
     """A generation route's 200: JSON, or an SSE stream of chunks when the request sets `stream`."""
-    sse = {"schema": {"type": "string", "description": "`data: {chunk}` events, then `data: [DONE]`"}}
+    # Before OpenAPI 3.2 an event stream's `schema` describes each event: {"data", "event", "id", "retry"}.
+    sse = {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
+                      "description": "one event: `data: {chunk}`; the last is `data: [DONE]`"}}
     return {200: {"model": model, "description": "the completion; an SSE stream when `stream` is true",
                   "content": {"text/event-stream": sse}}, **_errors(400, 401, 404, 413)}
 

@@ -105,7 +105,8 @@ def relay_kwargs(opts: RelayOptions | None) -> dict:
 
 
 def sampling_kwargs(req: SamplingFields) -> dict:
-    """Engine kwargs for the sampling fields shared by chat and completions (OpenAI defaults: T = 1, top_p = 1)."""
+    """Engine kwargs for the sampling fields shared by chat and completions (OpenAI defaults: T = 1, top_p = 1,
+    no penalties)."""
     if req.n not in (None, 1):
         raise unsupported("n > 1 is not supported", param="n")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -113,6 +114,9 @@ def sampling_kwargs(req: SamplingFields) -> dict:
     if top_p == 0:  # the smallest nucleus: the most likely token
         temperature, top_p = 0.0, 1.0
     kwargs: dict = {"temperature": temperature, "top_p": top_p, "top_k": req.top_k or 0}
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if (value := getattr(req, name)) is not None:
+            kwargs[name] = value
     if req.seed is not None:
         kwargs["seed"] = req.seed % 2**64
     if req.stop:

@@ -96,8 +96,13 @@ class SamplingFields(_Body):
     n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="accepted, not applied")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="accepted, not applied")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from the logit of every "
+                                           "token generated so far")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="times its count so far, subtracted "
+                                            "from each generated token's logit")
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description="extension (as in vLLM): "
+                                             "divides positive / multiplies negative logits of prompt and generated "
+                                             "tokens; 1 = off")
     user: str | None = None
     relay: RelayOptions | None = None
 

@@ -251,6 +251,23 @@ def test_generation_options_reach_the_engine(slow):
                                    "schedule": "prefix", "stop": ["b"]}
 
 
+PENALTIES = [("presence_penalty", 2.0), ("frequency_penalty", 2.0), ("repetition_penalty", 1.5)]
+
+
+@pytest.mark.parametrize("field, value", PENALTIES)
+def test_penalties_reach_the_engine(tiny_dir, field, value):
+    """Each penalty, as a field or per call, gives the engine's own output with that penalty (which differs)."""
+    messages = [HumanMessage("The architect writes a specification for the developer.")]
+    llm = ChatRelayLLM(model=tiny_dir, max_tokens=16, temperature=0, schedule="full")
+    engine, request = llm._engine(), to_engine_messages(messages)
+    direct = engine.chat(request, max_new_tokens=16, schedule="full", **{field: value}).text
+    assert direct != engine.chat(request, max_new_tokens=16, schedule="full").text
+    assert ChatRelayLLM(model=tiny_dir, max_tokens=16, temperature=0, schedule="full",
+                        **{field: value}).invoke(messages).content == direct
+    assert llm.invoke(messages, **{field: value}).content == direct
+    assert ChatRelayLLM(**{field: value})._identifying_params[field] == value
+
+
 async def _ticks_during(coro) -> tuple[object, int]:
     ticks = 0
 

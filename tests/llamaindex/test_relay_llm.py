@@ -151,6 +151,22 @@ def test_generation_options_reach_the_engine(fake):
     assert fake.requests[2] == ("hi", {**fake.requests[0][1], "top_p": 0.5, "relay": {"tau_dev": 2.0}})
 
 
+@pytest.mark.parametrize("field, value", [("presence_penalty", 2.0), ("frequency_penalty", 2.0),
+                                          ("repetition_penalty", 1.5)])
+def test_penalties_reach_the_engine(tiny_dir, field, value):
+    """Each penalty, as a field or per call, gives the engine's own output with that penalty (which differs)."""
+    llm = RelayLLM(model=tiny_dir, max_tokens=16, temperature=0, schedule="full")
+    request = to_engine_messages(HI)
+    direct = llm.engine.chat(request, max_new_tokens=16, schedule="full", **{field: value}).text
+    assert direct != llm.engine.chat(request, max_new_tokens=16, schedule="full").text
+    assert RelayLLM(model=tiny_dir, max_tokens=16, temperature=0, schedule="full",
+                    **{field: value}).chat(HI).message.content == direct
+    assert llm.chat(HI, **{field: value}).message.content == direct
+    prompt = "The architect writes"
+    assert llm.complete(prompt, **{field: value}).text == llm.engine.complete(
+        prompt, max_new_tokens=16, schedule="full", **{field: value}).text
+
+
 def test_outputs_relayed_between_instances_are_reused(tiny_dir):
     writer = RelayLLM(model=tiny_dir, max_tokens=32, temperature=0)
     reader = RelayLLM(model=tiny_dir, max_tokens=4, temperature=0, schedule="naive")

@@ -135,7 +135,8 @@ def test_api_key(secured):
 VALUES = [None, True, -1, 0, 2, 2**70, 0.5, 1e308, "", "x" * 50, [], [None], {}, {"a": 1}, [{"role": "user"}],
           [{"role": "user", "content": 7}], ["hi"], [[1, 2]], [3, 4], "\u0000\ud7ff"]
 FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-          "stream", "stream_options", "tools", "tool_choice", "response_format", "relay", "logprobs", "echo"]
+          "stream", "stream_options", "tools", "tool_choice", "response_format", "relay", "logprobs", "echo",
+          "presence_penalty", "frequency_penalty", "repetition_penalty"]
 
 
 def fuzzed_request(rng: random.Random) -> tuple[str, dict]:

@@ -56,6 +56,8 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 # Per-call kwargs -> engine generation options (anything else LlamaIndex passes along is ignored).
 _OPTIONS = {"temperature": "temperature", "max_tokens": "max_new_tokens", "max_new_tokens": "max_new_tokens",
             "top_p": "top_p", "top_k": "top_k", "seed": "seed", "schedule": "schedule", "relay": "relay",
+            "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+            "repetition_penalty": "repetition_penalty",
             "response_format": "response_format", "tools": "tools", "tool_choice": "tool_choice",
             "parallel_tool_calls": "parallel_tool_calls"}
 
@@ -160,8 +162,9 @@ class RelayLLM(FunctionCallingLLM):
 
     `complete` / `stream_complete` continue a raw prompt (no chat template: `completion_to_prompt` applies);
     `chat` and everything LlamaIndex builds on it (query engines, agents) use the model's chat template.
-    Per-call kwargs: temperature, max_tokens, top_p, top_k, seed, stop, schedule, relay, response_format,
-    tools, tool_choice, parallel_tool_calls (None keeps the instance's value); other kwargs are ignored.
+    Per-call kwargs: temperature, max_tokens, top_p, top_k, presence_penalty, frequency_penalty,
+    repetition_penalty, seed, stop, schedule, relay, response_format, tools, tool_choice, parallel_tool_calls
+    (None keeps the instance's value); other kwargs are ignored.
     """
 
     model: str = Field(default="default",
@@ -171,6 +174,13 @@ class RelayLLM(FunctionCallingLLM):
     max_tokens: int | None = Field(default=None, description="Most tokens to generate (engine default when None).")
     top_p: float | None = Field(default=None, description="Nucleus sampling mass.")
     top_k: int | None = Field(default=None, description="Top-k sampling (0: off).")
+    presence_penalty: float | None = Field(
+        default=None, description="In [-2, 2]: subtracted from the logit of every token generated so far (OpenAI's).")
+    frequency_penalty: float | None = Field(
+        default=None, description="In [-2, 2]: times a token's count so far, subtracted from its logit (OpenAI's).")
+    repetition_penalty: float | None = Field(
+        default=None, description="> 0, 1 = off: divides positive and multiplies negative logits of prompt and "
+        "generated tokens (Hugging Face / vLLM's).")
     seed: int | None = Field(default=None, description="Sampling seed.")
     stop: list[str] | None = Field(default=None, description="Stop strings: generation ends before the first one.")
     schedule: str | None = Field(default=None,
@@ -215,7 +225,8 @@ class RelayLLM(FunctionCallingLLM):
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Engine generation options for one call: instance fields overridden by per-call kwargs."""
         opts: dict[str, Any] = {}
-        for field in ("temperature", "max_tokens", "top_p", "top_k", "seed", "schedule"):
+        for field in ("temperature", "max_tokens", "top_p", "top_k", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty", "seed", "schedule"):
             if (value := getattr(self, field)) is not None:
                 opts[_OPTIONS[field]] = value
         for key, value in kwargs.items():

@@ -20,6 +20,7 @@ import torch
 
 from . import loading, structured
 from .executor import Executor, KVBuffers
+from .logprobs import MAX_TOP_LOGPROBS, LogprobRecorder
 from .matcher import chunk_bounds
 from .profiler import Profile, find_profile
 from .rope import rotate_layers
@@ -89,6 +90,9 @@ class GenerationOptions:
     tool_choice: str | dict | None = None  # "auto" (default) | "none" | "required" | "any" | name | {"type": ...}
     parallel_tool_calls: bool = False  # allow several calls per reply (off by default: small models repeat calls)
     grammar: structured.Grammar | None = None  # set by `stream` from the fields above: masks each decode step
+    # None = off; k in [0, 20]: each returned token's log-probability and its k likeliest alternatives, of the
+    # model's raw distribution (log-softmax of the fp32 logits before penalties, grammar mask and temperature).
+    logprobs: int | None = None
 
     def check(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -104,6 +108,9 @@ class GenerationOptions:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
 
 
 @dataclass
@@ -113,6 +120,7 @@ class Result:
     token_ids: list[int]
     stats: RequestStats
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI shape: {"id", "type", "function": {...}}
+    logprobs: list[dict] | None = None  # with options.logprobs: one entry per token_ids item (relay_llm.logprobs)
 
 
 @dataclass
@@ -125,6 +133,7 @@ class Chunk:
     token_ids: list[int] | None = None  # last chunk only: every generated id
     tool_call_deltas: list[dict] | None = None  # [{"index", "id", "name", "arguments" delta}]; id/name: 1st only
     tool_calls: list[dict] | None = None  # last chunk only, when tools were offered: the complete calls
+    logprobs: list[dict] | None = None  # last chunk only, with options.logprobs: one entry per token_ids item
 
 
 class _Done:
@@ -335,6 +344,8 @@ class RelayEngine:
         Structured output (see GenerationOptions): `response_format` constrains the text to JSON; `tools`
         (unless tool_choice="none") split the output into text deltas and `tool_call_deltas`, and the
         last chunk carries `tool_calls` (finish_reason "tool_calls" when calls were made).
+        `logprobs=k`: the last chunk also carries `logprobs`, one entry per `token_ids` item (relay_llm.logprobs);
+        text deltas carry none, since one delta may span several tokens or hold back part of one.
         `cancel()` (from any thread) or closing the stream early stops the generation at the next token
         (or before it starts, if still queued), and nothing is stored.
         """
@@ -389,7 +400,8 @@ class RelayEngine:
             parts.append(c.text)
             last = c
         assert last is not None and last.stats is not None
-        return Result("".join(parts), last.finish_reason, last.token_ids or [], last.stats, last.tool_calls or [])
+        return Result("".join(parts), last.finish_reason, last.token_ids or [], last.stats, last.tool_calls or [],
+                      last.logprobs)
 
     def _prefill(self, ids: list[int], capacity: int, schedule: Schedule, stats: RequestStats,
                  touch: bool = True) -> tuple[torch.Tensor, KVBuffers, PrefillPlan]:
@@ -486,12 +498,17 @@ class RelayEngine:
         finish = "length"
         constraint = opts.grammar.matcher() if opts.grammar is not None else None
         penalties = Penalties(opts, ids, logits.numel(), logits.device) if Penalties.active(opts) else None
+        recorder = LogprobRecorder(opts.logprobs) if opts.logprobs is not None else None
         while True:
+            if recorder is not None:
+                recorder.observe(logits)  # before penalties and the mask change the logits in place
             if penalties is not None:
                 penalties.apply(logits)
             if constraint is not None:
                 constraint.mask(logits)  # tokens the grammar forbids next -> -inf
             tok = sample(logits, opts, gen)
+            if recorder is not None:
+                recorder.record(tok)
             if penalties is not None:
                 penalties.update(tok)
             if not generated:
@@ -534,7 +551,14 @@ class RelayEngine:
             return
         body = generated[:kept] if kept is not None else generated
         self._remember(ids, body, kv, torch.cat(hidden), plan if schedule.splice_spans else None)
-        emit(Chunk("", finish_reason=finish, stats=stats, token_ids=body))
+        logprobs = recorder.entries(len(body), self._token_texts) if recorder is not None else None
+        emit(Chunk("", finish_reason=finish, stats=stats, token_ids=body, logprobs=logprobs))
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        """The decoded text of each id on its own (special tokens: "", as in the returned text)."""
+        with self._tok_lock:
+            return self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True,
+                                               clean_up_tokenization_spaces=False)
 
     def _ids_before(self, generated: list[int], cut: int) -> int:
         """How many leading ids of `generated` decode to at most `cut` characters: the tokens of the text

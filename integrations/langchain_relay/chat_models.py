@@ -49,6 +49,7 @@ from pydantic import BaseModel, Field, SecretStr
 from relay_llm import Chunk, RelayEngine, RequestStats, shared_engine
 from relay_llm.aio import iterate_in_thread
 from relay_llm.loading import DEFAULT_MODEL_DIRNAME
+from relay_llm.logprobs import openai_chat_logprobs
 
 # Tool calling and structured output (grammar-constrained decoding in the engine). The standard-test
 # capability flags in tests/langchain read this switch.
@@ -186,6 +187,10 @@ class ChatRelayLLM(BaseChatModel):
     """Stream through `_stream` even on `invoke` (so callbacks get every token)."""
     schedule: str | None = None
     """Prefill schedule (full, prefix, naive, ...); None uses the engine default."""
+    logprobs: bool | None = None
+    """Return token log-probabilities in `response_metadata["logprobs"]` ({"content": [...]}, OpenAI's shape)."""
+    top_logprobs: int | None = None
+    """With `logprobs`: the likeliest alternatives per token, in [0, 20]."""
     api_key: SecretStr | None = Field(default=None, exclude=True)
     """Ignored: the model runs in-process."""
     timeout: float | None = None
@@ -202,7 +207,8 @@ class ChatRelayLLM(BaseChatModel):
         return {"model": self.model, "dtype": self.dtype, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "repetition_penalty": self.repetition_penalty, "stop": self.stop, "schedule": self.schedule}
+                "repetition_penalty": self.repetition_penalty, "stop": self.stop, "schedule": self.schedule,
+                "logprobs": self.logprobs, "top_logprobs": self.top_logprobs}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=self._model_name(kwargs.get("model")),
@@ -242,23 +248,28 @@ class ChatRelayLLM(BaseChatModel):
         for key in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
             if kwargs.get(key) is not None:
                 opts[key] = kwargs[key]
+        if kwargs.get("logprobs", self.logprobs):
+            opts["logprobs"] = kwargs.get("top_logprobs", self.top_logprobs) or 0
         return kwargs.get("model"), to_engine_messages(messages), opts
 
-    def _message_fields(self, model: str | None, finish_reason: str | None, stats: RequestStats) -> dict[str, Any]:
-        """usage_metadata and response_metadata of a finished generation."""
+    def _message_fields(self, model: str | None, finish_reason: str | None, stats: RequestStats,
+                        logprobs: list[dict] | None) -> dict[str, Any]:
+        """usage_metadata and response_metadata (with "logprobs" when asked for) of a finished generation."""
         usage = UsageMetadata(input_tokens=stats.prompt_tokens, output_tokens=stats.completion_tokens,
                               total_tokens=stats.prompt_tokens + stats.completion_tokens,
                               input_token_details={"cache_read": stats.reused_tokens})
         metadata = {"model_name": self._model_name(model), "model_provider": PROVIDER,
                     "finish_reason": finish_reason, "relay": stats.to_dict()}
+        if logprobs is not None:
+            metadata["logprobs"] = openai_chat_logprobs(logprobs)
         return {"usage_metadata": usage, "response_metadata": metadata}
 
     def _message(self, model: str | None, text: str, finish_reason: str | None, tool_calls: Sequence[dict],
-                 stats: RequestStats) -> ChatResult:
+                 stats: RequestStats, logprobs: list[dict] | None) -> ChatResult:
         """A finished generation as a ChatResult: text, parsed tool calls, usage and metadata."""
         calls, invalid = _parse_tool_calls(tool_calls)
         message = AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid,
-                            **self._message_fields(model, finish_reason, stats))
+                            **self._message_fields(model, finish_reason, stats, logprobs))
         generation = ChatGeneration(message=message, generation_info={"finish_reason": finish_reason})
         return ChatResult(generations=[generation], llm_output={"model_name": self._model_name(model)})
 
@@ -271,7 +282,7 @@ class ChatRelayLLM(BaseChatModel):
             if not chunk.text and not calls:
                 return None
             return ChatGenerationChunk(message=AIMessageChunk(content=chunk.text, tool_call_chunks=calls))
-        fields = self._message_fields(model, chunk.finish_reason, chunk.stats)
+        fields = self._message_fields(model, chunk.finish_reason, chunk.stats, chunk.logprobs)
         message = AIMessageChunk(content=chunk.text, tool_call_chunks=calls, chunk_position="last", **fields)
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": chunk.finish_reason})
 
@@ -281,7 +292,8 @@ class ChatRelayLLM(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         model, request, opts = self._request(messages, stop, kwargs)
         result = self._engine(model).chat(request, **opts)
-        return self._message(model, result.text, result.finish_reason, result.tool_calls, result.stats)
+        return self._message(model, result.text, result.finish_reason, result.tool_calls, result.stats,
+                             result.logprobs)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
@@ -312,7 +324,8 @@ class ChatRelayLLM(BaseChatModel):
             last = c
         if last is None or last.stats is None:
             raise RuntimeError("the engine ended without a final chunk")
-        return self._message(model, "".join(parts), last.finish_reason, last.tool_calls or [], last.stats)
+        return self._message(model, "".join(parts), last.finish_reason, last.tool_calls or [], last.stats,
+                             last.logprobs)
 
     # ---- tokens and tools ----------------------------------------------------------------------
 

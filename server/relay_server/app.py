@@ -121,7 +121,8 @@ async def generate(request: Request, state: ServerState, prompt: list[dict] | st
             raise from_engine_error(exc) from None
         raise
     end(last.stats)
-    return JSONResponse(shape.full(text, last.finish_reason, last.stats, tool_calls=last.tool_calls))
+    return JSONResponse(shape.full(text, last.finish_reason, last.stats, tool_calls=last.tool_calls,
+                                   logprobs=last.logprobs))
 
 
 def _errors(*statuses: int) -> dict:

@@ -126,9 +126,11 @@ def sampling_kwargs(req: SamplingFields) -> dict:
 
 
 def chat_kwargs(req: ChatCompletionRequest) -> dict:
-    if req.logprobs or req.top_logprobs:
-        raise unsupported("logprobs are not supported", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
     kwargs = sampling_kwargs(req)
+    if req.logprobs:
+        kwargs["logprobs"] = req.top_logprobs or 0
     kwargs.update(structured_kwargs(req))
     return kwargs
 
@@ -138,8 +140,9 @@ def completion_kwargs(req: CompletionRequest) -> dict:
         raise unsupported("echo is not supported", param="echo")
     if req.suffix:
         raise unsupported("suffix is not supported", param="suffix")
-    if req.logprobs:
-        raise unsupported("logprobs are not supported", param="logprobs")
     if req.best_of not in (None, 1):
         raise unsupported("best_of > 1 is not supported", param="best_of")
-    return sampling_kwargs(req)
+    kwargs = sampling_kwargs(req)
+    if req.logprobs is not None:
+        kwargs["logprobs"] = req.logprobs
+    return kwargs

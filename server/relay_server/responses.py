@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay_llm.logprobs import openai_chat_logprobs, openai_completion_logprobs
 from relay_llm.stats import RequestStats
 
 
@@ -22,6 +24,11 @@ def usage(stats: RequestStats) -> dict:
 def relay_stats(stats: RequestStats) -> dict:
     """The `relay` extension object: everything the engine measured for the request."""
     return stats.to_dict()
+
+
+def _or_none(shape: Callable[[list[dict]], dict], entries: list[dict] | None) -> dict | None:
+    """The engine's logprob entries in an OpenAI shape, or None when logprobs were not asked for."""
+    return None if entries is None else shape(entries)
 
 
 @dataclass
@@ -55,12 +62,16 @@ class ChatShape(_Shape):
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     chunk_object = "chat.completion.chunk"
 
-    def full(self, text: str, finish_reason: str, stats: RequestStats, tool_calls: list[dict] | None = None) -> dict:
-        """The whole response; with `tool_calls` (engine shape = OpenAI shape), content is null when empty."""
+    def full(self, text: str, finish_reason: str, stats: RequestStats, tool_calls: list[dict] | None = None,
+             logprobs: list[dict] | None = None) -> dict:
+        """The whole response; with `tool_calls` (engine shape = OpenAI shape), content is null when empty.
+
+        logprobs: the engine's per-token entries (relay_llm.logprobs), or None when not asked for."""
         message = {"role": "assistant", "content": text or (None if tool_calls else ""), "refusal": None}
         if tool_calls:
             message["tool_calls"] = tool_calls
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "message": message, "logprobs": _or_none(openai_chat_logprobs, logprobs),
+                  "finish_reason": finish_reason}
         return {**self._head("chat.completion"), "choices": [choice], "usage": usage(stats),
                 "relay": relay_stats(stats)}
 
@@ -68,8 +79,9 @@ class ChatShape(_Shape):
         return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}])
 
-    def delta_chunk(self, text: str) -> dict:
-        return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+    def delta_chunk(self, text: str, logprobs: list[dict] | None = None) -> dict:
+        return self._chunk([{"index": 0, "delta": {"content": text},
+                             "logprobs": _or_none(openai_chat_logprobs, logprobs), "finish_reason": None}])
 
     def tool_delta_chunk(self, deltas: list[dict]) -> dict:
         """OpenAI tool-call deltas from the engine's [{"index", "id", "name", "arguments"}]: a call's first
@@ -94,16 +106,19 @@ class CompletionShape(_Shape):
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     chunk_object = "text_completion"
 
-    def full(self, text: str, finish_reason: str, stats: RequestStats, tool_calls: list[dict] | None = None) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def full(self, text: str, finish_reason: str, stats: RequestStats, tool_calls: list[dict] | None = None,
+             logprobs: list[dict] | None = None) -> dict:
+        choice = {"index": 0, "text": text, "logprobs": _or_none(openai_completion_logprobs, logprobs),
+                  "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage(stats),
                 "relay": relay_stats(stats)}
 
     def start_chunk(self) -> dict | None:
         return None  # text completions have no role chunk
 
-    def delta_chunk(self, text: str) -> dict:
-        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
+    def delta_chunk(self, text: str, logprobs: list[dict] | None = None) -> dict:
+        return self._chunk([{"index": 0, "text": text, "logprobs": _or_none(openai_completion_logprobs, logprobs),
+                             "finish_reason": None}])
 
     def finish_chunk(self, finish_reason: str, stats: RequestStats) -> dict:
         body = self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}])

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from relay_llm.logprobs import MAX_TOP_LOGPROBS
+
 MAX_STOP = 16
 
 
@@ -112,7 +114,8 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token; needs "
+                                     "`logprobs: true`")
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -124,7 +127,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="return each token's logprob and "
+                                 "this many likeliest alternatives")
     best_of: int | None = None
 
 
@@ -166,14 +170,16 @@ class AssistantMessage(_Out):
 class ChatChoice(_Out):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = Field(None, description='with `logprobs: true`: {"content": [{"token", '
+                                            '"logprob", "bytes", "top_logprobs"}]}')
     finish_reason: str
 
 
 class CompletionChoice(_Out):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = Field(None, description='with `logprobs: k`: {"tokens", "token_logprobs", '
+                                            '"top_logprobs", "text_offset"}')
     finish_reason: str
 
 

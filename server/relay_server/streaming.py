@@ -124,6 +124,8 @@ async def sse_events(pump: ChunkPump, request: Request, shape: Shape,
                      on_finish: Callable[[Chunk], None]) -> AsyncIterator[str]:
     """OpenAI stream: [role chunk], content and tool-call deltas, finish chunk, [usage chunk], [DONE].
 
+    With logprobs, every token's entry comes on one content chunk (its text may be empty) before the finish chunk.
+
     A failure after the response started becomes an error event followed by [DONE]. A client
     disconnect (Starlette cancels this generator, or a poll notices it) cancels the generation.
     """
@@ -132,8 +134,8 @@ async def sse_events(pump: ChunkPump, request: Request, shape: Shape,
         if start is not None:
             yield sse(start)
         while (chunk := await pump.get(request)) is not None:
-            if chunk.text:
-                yield sse(shape.delta_chunk(chunk.text))
+            if chunk.text or chunk.logprobs is not None:  # logprobs: the last chunk, before the finish chunk
+                yield sse(shape.delta_chunk(chunk.text, chunk.logprobs))
             if chunk.tool_call_deltas and isinstance(shape, ChatShape):
                 yield sse(shape.tool_delta_chunk(chunk.tool_call_deltas))
             if chunk.finish_reason is not None and chunk.stats is not None:

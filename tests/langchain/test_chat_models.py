@@ -191,6 +191,22 @@ def test_stop_sequences_end_generation(tiny_llm):
     assert fielded.invoke("Stop me").content == expected
 
 
+def test_logprobs_in_response_metadata_equal_the_engine(tiny_dir):
+    llm = ChatRelayLLM(model=tiny_dir, max_tokens=8, temperature=0, schedule="full", logprobs=True, top_logprobs=2)
+    msg = llm.invoke("Logprobs")
+    direct = llm._engine().chat(to_engine_messages([HumanMessage("Logprobs")]), max_new_tokens=8, temperature=0,
+                                schedule="full", logprobs=2)
+    content = msg.response_metadata["logprobs"]["content"]
+    assert [t["token"] for t in content] == [e["token"] for e in direct.logprobs]
+    assert [t["logprob"] for t in content] == pytest.approx([e["logprob"] for e in direct.logprobs], abs=1e-4)
+    assert [[a["token"] for a in t["top_logprobs"]] for t in content] == [
+        [a for _, a, _ in e["top"]] for e in direct.logprobs]
+    assert all(bytes(t["bytes"]).decode("utf-8") == t["token"] for t in content)
+    streamed = _merge(llm.stream("Logprobs")).response_metadata["logprobs"]["content"]
+    assert [t["token"] for t in streamed] == [t["token"] for t in content]
+    assert "logprobs" not in ChatRelayLLM(model=tiny_dir, max_tokens=4).invoke("Logprobs").response_metadata
+
+
 async def test_astream_and_ainvoke_on_the_tiny_model(tiny_llm):
     text = tiny_llm.invoke("Async", schedule="full").content
     chunks = [c async for c in tiny_llm.astream("Async", schedule="full")]

@@ -111,6 +111,18 @@ async def test_every_entry_point_generates_and_reports_stats(tiny_llm, kind, str
     assert text == (whole.message.content if kind == "chat" else whole.text)
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("kind", ["chat", "complete"])
+async def test_logprobs_fill_the_response(tiny_dir, kind, streaming, asynchronous):
+    llm = RelayLLM(model=tiny_dir, max_tokens=6, temperature=0, schedule="full", logprobs=True, top_logprobs=2)
+    final = (await _run(llm, kind, streaming, asynchronous))[-1]
+    assert len(final.logprobs) == final.raw["usage"]["completion_tokens"]
+    assert all(len(top) == 2 and top[0].logprob >= top[1].logprob for top in final.logprobs)
+    assert (await _run(RelayLLM(model=tiny_dir, max_tokens=4), kind, streaming, asynchronous))[
+        -1].logprobs is None
+
+
 def test_complete_continues_the_raw_prompt_while_chat_uses_the_template(tiny_llm):
     complete = tiny_llm.complete("The architect writes")
     chat = tiny_llm.chat([ChatMessage(role="user", content="The architect writes")])

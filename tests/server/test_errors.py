@@ -97,7 +97,7 @@ def test_unknown_routes_and_methods(http):
 
 @pytest.mark.parametrize("extra, param", [
     ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0"),
     ({"relay": {"schedule": "no-such-schedule"}}, "relay"),
@@ -136,7 +136,7 @@ VALUES = [None, True, -1, 0, 2, 2**70, 0.5, 1e308, "", "x" * 50, [], [None], {},
           [{"role": "user", "content": 7}], ["hi"], [[1, 2]], [3, 4], "\u0000\ud7ff"]
 FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
           "stream", "stream_options", "tools", "tool_choice", "response_format", "relay", "logprobs", "echo",
-          "presence_penalty", "frequency_penalty", "repetition_penalty"]
+          "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty"]
 
 
 def fuzzed_request(rng: random.Random) -> tuple[str, dict]:

@@ -32,6 +32,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
+    LogProb,
     MessageRole,
     TextBlock,
     ThinkingBlock,
@@ -137,6 +138,15 @@ class _Reply:
         return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
 
 
+def _logprobs(entries: list[dict] | None) -> list[list[LogProb]] | None:
+    """The engine's logprob entries as LlamaIndex's: per token its top alternatives (as llama-index-llms-openai
+    does), or the chosen token alone when no alternatives were asked for."""
+    if entries is None:
+        return None
+    return [[LogProb(token=t, logprob=v, bytes=list(t.encode("utf-8")))
+             for _, t, v in e["top"] or [(e["token_id"], e["token"], e["logprob"])]] for e in entries]
+
+
 def _parsed(arguments: str | dict) -> dict | str:
     if isinstance(arguments, dict):
         return arguments
@@ -163,8 +173,9 @@ class RelayLLM(FunctionCallingLLM):
     `complete` / `stream_complete` continue a raw prompt (no chat template: `completion_to_prompt` applies);
     `chat` and everything LlamaIndex builds on it (query engines, agents) use the model's chat template.
     Per-call kwargs: temperature, max_tokens, top_p, top_k, presence_penalty, frequency_penalty,
-    repetition_penalty, seed, stop, schedule, relay, response_format, tools, tool_choice, parallel_tool_calls
-    (None keeps the instance's value); other kwargs are ignored.
+    repetition_penalty, seed, stop, schedule, relay, response_format, tools, tool_choice, parallel_tool_calls,
+    logprobs, top_logprobs (None keeps the instance's value); other kwargs are ignored. With `logprobs`, the final
+    response's `logprobs` holds, per token, its top alternatives (the token alone when top_logprobs is 0).
     """
 
     model: str = Field(default="default",
@@ -186,6 +197,8 @@ class RelayLLM(FunctionCallingLLM):
     schedule: str | None = Field(default=None,
                                  description="Prefill schedule (full, prefix, naive, relay, ...); None: the engine's.")
     context_window: int | None = Field(default=None, description="Context window; None: the model's.")
+    logprobs: bool = Field(default=False, description="Fill `response.logprobs` (the model's raw token logprobs).")
+    top_logprobs: int = Field(default=0, description="With `logprobs`: alternatives per token, in [0, 20].")
 
     @classmethod
     def class_name(cls) -> str:
@@ -235,6 +248,8 @@ class RelayLLM(FunctionCallingLLM):
         stop = kwargs["stop"] if kwargs.get("stop") is not None else self.stop
         if stop:
             opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        if kwargs.get("logprobs", self.logprobs):
+            opts["logprobs"] = kwargs.get("top_logprobs", self.top_logprobs)
         return opts
 
     def _result(self, finish_reason: str | None, stats: RequestStats) -> tuple[dict, dict]:
@@ -252,13 +267,15 @@ class RelayLLM(FunctionCallingLLM):
                 return None
             return ChatResponse(message=reply.message(), delta=chunk.text)
         raw, extra = self._result(chunk.finish_reason, chunk.stats)
-        return ChatResponse(message=reply.message(), delta=chunk.text, raw=raw, additional_kwargs=extra)
+        return ChatResponse(message=reply.message(), delta=chunk.text, raw=raw, additional_kwargs=extra,
+                            logprobs=_logprobs(chunk.logprobs))
 
     def _completion_chunk(self, text: str, chunk: Chunk) -> CompletionResponse | None:
         if chunk.stats is None:
             return CompletionResponse(text=text, delta=chunk.text) if chunk.text else None
         raw, extra = self._result(chunk.finish_reason, chunk.stats)
-        return CompletionResponse(text=text, delta=chunk.text, raw=raw, additional_kwargs=extra)
+        return CompletionResponse(text=text, delta=chunk.text, raw=raw, additional_kwargs=extra,
+                                  logprobs=_logprobs(chunk.logprobs))
 
     def _prompt(self, prompt: str, formatted: bool) -> str:
         if not isinstance(prompt, str) or not prompt:
@@ -275,7 +292,8 @@ class RelayLLM(FunctionCallingLLM):
         reply.add(Chunk(result.text, result.finish_reason, result.stats, result.token_ids,
                         tool_calls=result.tool_calls))
         raw, extra = self._result(result.finish_reason, result.stats)
-        return ChatResponse(message=reply.message(), raw=raw, additional_kwargs=extra)
+        return ChatResponse(message=reply.message(), raw=raw, additional_kwargs=extra,
+                            logprobs=_logprobs(result.logprobs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -296,7 +314,8 @@ class RelayLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         last = await _final(self._achat_stream(to_engine_messages(messages), self._options(kwargs)))
-        return ChatResponse(message=last.message, raw=last.raw, additional_kwargs=last.additional_kwargs)
+        return ChatResponse(message=last.message, raw=last.raw, additional_kwargs=last.additional_kwargs,
+                            logprobs=last.logprobs)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -314,7 +333,8 @@ class RelayLLM(FunctionCallingLLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         result = self.engine.complete(self._prompt(prompt, formatted), **self._options(kwargs))
         raw, extra = self._result(result.finish_reason, result.stats)
-        return CompletionResponse(text=result.text, raw=raw, additional_kwargs=extra)
+        return CompletionResponse(text=result.text, raw=raw, additional_kwargs=extra,
+                                  logprobs=_logprobs(result.logprobs))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -335,7 +355,8 @@ class RelayLLM(FunctionCallingLLM):
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         last = await _final(self._acomplete_stream(self._prompt(prompt, formatted), self._options(kwargs)))
-        return CompletionResponse(text=last.text, raw=last.raw, additional_kwargs=last.additional_kwargs)
+        return CompletionResponse(text=last.text, raw=last.raw, additional_kwargs=last.additional_kwargs,
+                                  logprobs=last.logprobs)
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,

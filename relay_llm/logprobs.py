@@ -41,14 +41,15 @@ class LogprobRecorder:
                  "top": [(i, text[i], v) for i, v in zip(top, values, strict=True)]} for tok, lp, top, values in steps]
 
 
-def _utf8(token: str) -> list[int]:
+def token_bytes(token: str) -> list[int]:
+    """The UTF-8 bytes of a token's text, as OpenAI's `bytes` field lists them."""
     return list(token.encode("utf-8"))
 
 
 def openai_chat_logprobs(entries: list[dict]) -> dict:
     """Chat completions' `choices[i].logprobs`: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
-    content = [{"token": e["token"], "logprob": e["logprob"], "bytes": _utf8(e["token"]),
-                "top_logprobs": [{"token": t, "logprob": v, "bytes": _utf8(t)} for _, t, v in e["top"]]}
+    content = [{"token": e["token"], "logprob": e["logprob"], "bytes": token_bytes(e["token"]),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": token_bytes(t)} for _, t, v in e["top"]]}
                for e in entries]
     return {"content": content, "refusal": None}
 

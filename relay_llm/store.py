@@ -94,9 +94,14 @@ class Segment:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     @property
+    def index_bytes(self) -> int:
+        """What the store's budget charges for its k-gram index entries and id copy."""
+        return INDEX_BYTES_PER_TOKEN * len(self)
+
+    @property
     def charged_bytes(self) -> int:
         """What the store's budget counts for it: its tensors plus its share of the k-gram index."""
-        return self.nbytes + INDEX_BYTES_PER_TOKEN * len(self)
+        return self.nbytes + self.index_bytes
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"token_ids": self.token_ids, "keys": self.keys, "values": self.values}
@@ -217,7 +222,7 @@ class SegmentStore:
     def _account(self, seg: Segment, sign: int) -> None:
         s = self.stats
         s.bytes += sign * seg.charged_bytes
-        s.index_bytes += sign * INDEX_BYTES_PER_TOKEN * len(seg)
+        s.index_bytes += sign * seg.index_bytes
         s.tokens += sign * len(seg)
         s.segments = len(self._segments)
         s.by_kind[seg.kind] = s.by_kind.get(seg.kind, 0) + sign

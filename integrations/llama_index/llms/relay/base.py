@@ -48,6 +48,7 @@ from relay_llm import Chunk, RelayEngine, RequestStats, shared_engine
 from relay_llm.aio import iterate_in_thread
 from relay_llm.engine import GenerationOptions
 from relay_llm.loading import DEFAULT_MODEL_DIRNAME, cache_dir
+from relay_llm.logprobs import token_bytes
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -143,7 +144,7 @@ def _logprobs(entries: list[dict] | None) -> list[list[LogProb]] | None:
     does), or the chosen token alone when no alternatives were asked for."""
     if entries is None:
         return None
-    return [[LogProb(token=t, logprob=v, bytes=list(t.encode("utf-8")))
+    return [[LogProb(token=t, logprob=v, bytes=token_bytes(t))
              for _, t, v in e["top"] or [(e["token_id"], e["token"], e["logprob"])]] for e in entries]
 
 

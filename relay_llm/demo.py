@@ -167,6 +167,11 @@ class Call:
     span_kinds: dict[str, int] = field(default_factory=dict)  # span tokens by source: "decode", "prefill"
 
     @property
+    def decode_ms_per_token(self) -> float:
+        """Wall time after the first token, per later token, in ms."""
+        return 1000 * (self.total_s - self.ttft_s) / max(1, len(self.token_ids) - 1)
+
+    @property
     def output_span_tokens(self) -> int:
         """Prompt tokens found in stored generated outputs (as opposed to stored prompt text)."""
         return self.span_kinds.get("decode", 0)
@@ -390,24 +395,45 @@ def run_demo(engine: RelayEngine, schedule: str = "naive", max_new_tokens: int =
 
 
 def format_table(result: DemoResult) -> str:
-    """The per-agent table: prompt / reused tokens, TTFT of both runs, speed-up, output agreement."""
+    """The per-agent table, then a pipeline total: prompt / reused tokens, TTFT of both runs, speed-up, each
+    call's wall time (TTFT + decode) in both runs, the reuse call's decode ms per token, output agreement."""
     head = ("agent", "prompt tok", "reused tok", "from outputs", "TTFT full", f"TTFT {result.schedule}",
-            "speed-up", "same first tokens")
+            "speed-up", "wall full", f"wall {result.schedule}", "decode ms/tok", "same first tokens")
     lines = []
     for r in result.rows:
         lines.append((
             r.agent, str(r.reuse.prompt_tokens), str(r.reuse.reused_tokens), str(r.reuse.output_span_tokens),
-            f"{r.ttft_full_s:.3f} s", f"{r.ttft_reuse_s:.3f} s", f"{r.speedup:.2f}x",
+            f"{r.ttft_full_s:.3f} s", f"{r.ttft_reuse_s:.3f} s", f"{r.speedup:.2f}x", f"{r.full.total_s:.1f} s",
+            f"{r.reuse.total_s:.1f} s", f"{r.reuse.decode_ms_per_token:.0f}",
             f"{r.agree_tokens}/{len(r.full.token_ids)}",
         ))
-    widths = [max(len(row[c]) for row in (head, *lines)) for c in range(len(head))]
+    rows = result.rows
+    ttft_full, ttft_reuse = sum(r.ttft_full_s for r in rows), sum(r.ttft_reuse_s for r in rows)
+    generated = sum(len(r.reuse.token_ids) for r in rows)
+    decode_s = sum(r.reuse.total_s - r.reuse.ttft_s for r in rows)
+    total = ("pipeline", str(sum(r.reuse.prompt_tokens for r in rows)), str(sum(r.reuse.reused_tokens for r in rows)),
+             str(sum(r.reuse.output_span_tokens for r in rows)), f"{ttft_full:.3f} s", f"{ttft_reuse:.3f} s",
+             f"{ttft_full / ttft_reuse:.2f}x" if ttft_reuse > 0 else "-", f"{sum(r.full.total_s for r in rows):.1f} s",
+             f"{sum(r.reuse.total_s for r in rows):.1f} s", f"{1000 * decode_s / max(1, generated):.0f}", "")
+    widths = [max(len(row[c]) for row in (head, *lines, total)) for c in range(len(head))]
 
     def fmt(row: tuple[str, ...]) -> str:
         return "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in
                          enumerate(zip(row, widths, strict=True)))
 
     rule = "-" * len(fmt(head))
-    return "\n".join([fmt(head), rule, *map(fmt, lines), rule])
+    return "\n".join([fmt(head), rule, *map(fmt, lines), rule, fmt(total)])
+
+
+def where_time_goes(result: DemoResult) -> str:
+    """One line: how the reuse run's wall time splits into prefill (TTFT) and decode."""
+    rows = result.rows
+    wall = sum(r.reuse.total_s for r in rows)
+    ttft = sum(r.reuse.ttft_s for r in rows)
+    if wall <= 0:
+        return ""
+    return (f"Where the time goes ({result.schedule} run): {wall:.1f} s of calls = {ttft:.1f} s to first tokens "
+            f"({100 * ttft / wall:.0f} %) + {wall - ttft:.1f} s decoding ({100 * (wall - ttft) / wall:.0f} %).")
 
 
 def explain(result: DemoResult) -> str:
@@ -415,6 +441,8 @@ def explain(result: DemoResult) -> str:
     s = result.sampling
     replayed = ", ".join(r.agent for r in result.rows if r.replayed) or "none needed"
     notes = [
+        "Wall: each call's time from request to last token (TTFT + decode); decode ms/tok: the reuse "
+        "call's wall time after its first token, per later token. The pipeline row sums the agents.",
         "Same prompts: in both runs every agent's prompt quotes the full run's upstream outputs through "
         "the same templates (prompt token counts are checked equal).",
         "Reuse comes only from the reuse run: it starts with an empty store and prefix cache. An output "
@@ -454,7 +482,7 @@ def main(model: str = "default", dtype: str = "auto", schedule: str | None = Non
     progress.start(f"loading {model!r}")
     t0 = time.perf_counter()
     engine = RelayEngine.load(model, dtype=dtype)
-    progress.done(f"{engine.executor.dtype}, {time.perf_counter() - t0:.1f} s")
+    progress.done(f"{engine.executor.dtype}, {engine.kernels.describe()}, {time.perf_counter() - t0:.1f} s")
     try:
         result = run_demo(engine, schedule=schedule or engine.default_schedule, max_new_tokens=max_new_tokens,
                           repeats=repeats, sampling=Sampling(seed=seed), template=template, progress=progress)
@@ -465,6 +493,7 @@ def main(model: str = "default", dtype: str = "auto", schedule: str | None = Non
     print(f"Architect -> Developer -> Reviewer on {model!r} ({result.template} prompts, at most "
           f"{max_new_tokens} new tokens per agent): full prefill vs {result.schedule!r} reuse", file=out)
     print(format_table(result), file=out)
+    print(where_time_goes(result), file=out)
     print(explain(result), file=out)
     print(f"(demo took {result.wall_s:.0f} s)", file=out)
     return 0

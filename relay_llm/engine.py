@@ -20,6 +20,7 @@ import torch
 
 from . import loading, structured
 from .executor import Executor, KVBuffers
+from .kernels import KernelInfo
 from .logprobs import MAX_TOP_LOGPROBS, LogprobRecorder
 from .matcher import chunk_bounds
 from .profiler import Profile, find_profile
@@ -215,12 +216,14 @@ class _Worker:
 class RelayEngine:
     """A local causal LM that keeps and reuses the K/V of text it generated."""
 
-    def __init__(self, model, tokenizer, fingerprint: loading.Fingerprint, config: EngineConfig | None = None):
+    def __init__(self, model, tokenizer, fingerprint: loading.Fingerprint, config: EngineConfig | None = None,
+                 kernels: KernelInfo | None = None):
         self.model = model
+        self.kernels = kernels or KernelInfo("plain", fingerprint.dtype, "model handed in, not loaded by relay-llm")
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.config = config or EngineConfig()
-        self.executor = Executor(model)
+        self.executor = Executor(model, lean=self.kernels.lean_layers)
         ensure_template(tokenizer, model.config.model_type)
         self.eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.max_context = self.config.max_context or model.config.max_position_embeddings
@@ -271,9 +274,23 @@ class RelayEngine:
 
     @classmethod
     def load(cls, model: str = "default", dtype: str = "auto", device: str = "auto",
-             config: EngineConfig | None = None) -> RelayEngine:
-        """Load "default" (packaged gemma-3-270m), a local HF folder or a .gguf file."""
-        return cls(*loading.load(model, dtype=dtype, device=device), config=config)
+             config: EngineConfig | None = None, kernels: str = "auto") -> RelayEngine:
+        """Load "default" (packaged gemma-3-270m), a local HF folder or a .gguf file.
+
+        dtype and kernels: see `loading.load` ("auto" is lossless; "fast" is this machine's fastest precision).
+        """
+        hf_model, tokenizer, fp, info = loading.load(model, dtype=dtype, device=device, kernels=kernels)
+        return cls(hf_model, tokenizer, fp, config=config, kernels=info)
+
+    def info(self) -> dict:
+        """What this engine runs on: model, precision, linear kernel path, device, CPU features, schedule."""
+        ex = self.executor
+        return {"model": self.model_name, "architecture": self.fingerprint.architecture,
+                "weights": self.kernels.weights, "activations": str(ex.dtype).removeprefix("torch."),
+                "kernels": self.kernels.path, "kernels_note": self.kernels.reason, "lean_layers": ex.lean is not None,
+                "device": str(ex.device),
+                "cpu_features": list(self.kernels.cpu), "threads": torch.get_num_threads(),
+                "default_schedule": self.default_schedule}
 
     @property
     def model_name(self) -> str:

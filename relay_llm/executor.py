@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from .decoder import lean_layers
 from .rope import RopeSpec, layer_specs, rotate
 
 
@@ -115,7 +116,8 @@ class RunResult:
 class Executor:
     """Runs an HF Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 causal LM layer by layer."""
 
-    def __init__(self, model):
+    def __init__(self, model, lean: bool = True):
+        """lean: run the layers through `decoder.LeanLayer` where it covers them (else HF's own forward)."""
         self.model = model
         self.base = model.model
         cfg = self.base.config
@@ -133,6 +135,8 @@ class Executor:
         self.device = next(model.parameters()).device
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self._per_type_rope = not hasattr(self.base.rotary_emb, "inv_freq")
+        self.lean = lean_layers(model, self.layers) if lean else None
+        self._calls = self.lean or self.layers  # what `run` calls per layer
 
     def _window(self, layer) -> int | None:
         attn = layer.self_attn
@@ -242,7 +246,7 @@ class Executor:
         captured = None
         token_layers = torch.zeros(t, dtype=torch.long, device=self.device)
         masks: dict[int | None, tuple[torch.Tensor, int, torch.Tensor]] = {}  # see `_run_mask`
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._calls):
             if capture_layer == i:
                 captured = hidden.clone()
             state = LayerState(i, hidden, kv, positions)

@@ -18,6 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from . import kernels as kernel_lib  # noqa: E402
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _FAMILY_NAMES = "Llama, Mistral, Qwen2, Qwen3, Gemma 3"
 DEFAULT_MODEL_DIRNAME = "gemma-3-270m"
@@ -93,17 +95,23 @@ def _save_as_safetensors(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load(model: str = "default", dtype: str = "auto", device: str = "auto"):
-    """Load `model` and return `(model, tokenizer, fingerprint)`.
+def load(model: str = "default", dtype: str = "auto", device: str = "auto", kernels: str = "auto"):
+    """Load `model` and return `(model, tokenizer, fingerprint, kernel_info)`.
 
     model: "default" (packaged gemma-3-270m), a local HF folder, or a `.gguf` file.
-    dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16" or "float16".
+    dtype: "auto" (lossless: fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16", "int8" (weight-only
+    int8 linears, bf16 activations and K/V) or "fast" (`fast_dtype()`: this machine's fastest precision whose
+    measured fidelity cost is small, see docs/benchmarks.md "Decode").
+    kernels: "auto" (the fastest linear kernel measured here, `relay_llm.kernels`), "packed" or "plain".
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "fast":
+        dtype = fast_dtype(dev)
+    weights = "int8" if dtype == "int8" else "native"
     torch_dtype = _resolve_dtype(dtype, dev)
     if model == "default":
         path = default_model_dir()
@@ -135,8 +143,20 @@ def load(model: str = "default", dtype: str = "auto", device: str = "auto"):
     check_supported(hf_model.config)
     hf_model = hf_model.to(dev).eval()
     hf_model.requires_grad_(False)
-    fp = Fingerprint(hf_model.config.model_type, _weights_id(path), str(torch_dtype).removeprefix("torch."))
-    return hf_model, tokenizer, fp
+    info = kernel_lib.accelerate(hf_model, weights=weights, kernels=kernels)
+    fp = Fingerprint(hf_model.config.model_type, _weights_id(path), info.weights)
+    return hf_model, tokenizer, fp, info
+
+
+def fast_dtype(dev: torch.device | None = None) -> str:
+    """The fastest precision measured to stay within 0.01 nats of fp32 (docs/benchmarks.md, "Decode").
+
+    CUDA: bfloat16. A CPU that multiplies bf16 natively (AMX / AVX512-BF16): bfloat16, on oneDNN's
+    kernels. Any other CPU: int8 weight-only (its bf16 path is fast only through the int8 kernel).
+    """
+    if dev is not None and dev.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if kernel_lib.native_bf16() else "int8"
 
 
 def check_supported(config) -> None:
@@ -154,12 +174,13 @@ def check_supported(config) -> None:
 
 
 def _resolve_dtype(dtype: str, dev: torch.device) -> torch.dtype:
+    """The torch dtype of the model's activations and K/V (int8 weight-only: bfloat16)."""
     if dtype == "auto":
         return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    table = {"int8": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, fast, {', '.join(table)}")
     return table[dtype]
 
 

@@ -40,8 +40,11 @@ def test_table_and_notes():
     assert rows[1].speedup == pytest.approx(2.0)
     table = demo.format_table(result)
     lines = table.splitlines()
-    assert "TTFT naive" in lines[0] and len(lines) == 2 + len(rows) + 1
+    assert "TTFT naive" in lines[0] and "wall naive" in lines[0] and len(lines) == 2 + len(rows) + 2
     assert "Developer" in lines[3] and "2.00x" in lines[3] and "1/3" in lines[3] and " 7 " in lines[3]
+    assert lines[-1].startswith("pipeline") and " 400 " in lines[-1] and "2.0 s" in lines[-1]  # 1.0 s + 1.0 s
+    assert "1.00x" not in lines[-1] and "1.60x" in lines[-1]  # TTFT sums: 0.8 s full / 0.5 s naive
+    assert "decoding" in demo.where_time_goes(result)
     notes = demo.explain(result)
     assert "replayed: Developer" in notes and all(len(line) <= 100 for line in notes.splitlines())
 

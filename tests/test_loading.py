@@ -47,8 +47,8 @@ def test_unsupported_architectures(tmp_path, config, match):
 
 
 def test_fingerprint_tracks_dtype(tiny_dirs):
-    _, _, fp32 = load(str(tiny_dirs["qwen2"]), dtype="float32")
-    _, _, bf16 = load(str(tiny_dirs["qwen2"]), dtype="bfloat16")
+    _, _, fp32, _ = load(str(tiny_dirs["qwen2"]), dtype="float32")
+    _, _, bf16, _ = load(str(tiny_dirs["qwen2"]), dtype="bfloat16")
     assert fp32.weights == bf16.weights and fp32.key() != bf16.key()
 
 

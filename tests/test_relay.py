@@ -210,7 +210,7 @@ def test_profile_command_writes_a_loadable_profile_and_plot(tiny_dirs, tmp_path,
 
     out = tmp_path / "p.json"
     assert main(["profile", "--model", str(tiny_dirs["qwen3"]), "--out", str(out), "--max-new-tokens", "20"]) == 0
-    _, _, fp = load(str(tiny_dirs["qwen3"]))
+    _, _, fp, _ = load(str(tiny_dirs["qwen3"]))
     profile = Profile.load(out, fp)
     assert profile.measurements["handoffs"] == 24 and out.with_suffix(".png").exists()
     assert f"profile saved to {out}" in capsys.readouterr().out

@@ -1,0 +1,207 @@
+"""Fast CPU kernels for the model's linears, chosen per machine at load.
+
+Decode reads every weight once per token, so its speed is the speed of the matmul kernel on one row.
+torch's default fp32 `F.linear` (MKL) is 2x slower than oneDNN on weights reordered once into its
+blocked layout (the path torch inductor uses); batched rows gain more. bf16 weights run on oneDNN's AMX /
+AVX512-BF16 kernels where the CPU has them; int8 weight-only linears (per-output-row scales, bf16
+activations) run on `torch._weight_int8pack_mm`.
+
+`accelerate(model, weights)` swaps every `nn.Linear` of the decoder layers and the LM head for one of
+the modules below, after checking on this machine that the kernel runs and matches `F.linear`; where it
+does not, the plain modules stay and the returned `KernelInfo` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("relay_llm")
+
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU features among `_CPU_FLAGS` that this machine has (from /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(f for f in line.split(":", 1)[1].split() if f in _CPU_FLAGS)
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16): bf16 GEMMs run at full speed."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b on a weight reordered once for oneDNN (fp32 or bf16).
+
+    weight: the packed [out, in] weight (opaque mkldnn layout). x: [..., in] -> [..., out], dtype of x.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, None), persistent=False)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: W ~ scale[o] * q[o, :], q in [-127, 127], one scale per output row (absmax).
+
+    x: [..., in] bf16 -> [..., out] bf16; the product accumulates in fp32 inside the kernel.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8),
+                             persistent=False)
+        self.register_buffer("scale", scale.to(torch.bfloat16), persistent=False)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """Which linear kernel a model runs on. path: "onednn-packed" | "int8-weight-only" | "plain"."""
+
+    path: str
+    weights: str  # "float32" | "bfloat16" | "int8" | ...
+    reason: str = ""  # why the plain path, where it is plain
+    cpu: tuple[str, ...] = ()
+    lean_layers: bool = True  # run layers through `decoder.LeanLayer` (False: HF's own forward, kernels="plain")
+
+    def describe(self) -> str:
+        text = f"{self.path} {self.weights} linears"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+def _linears(model) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) of every nn.Linear in the decoder layers, plus the LM head."""
+    out = []
+    for parent in [model, *model.model.layers.modules()]:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and (parent is not model or name == "lm_head"):
+                out.append((parent, name, child))
+    return out
+
+
+def _probe(make: type[nn.Module], dtype: torch.dtype) -> str:
+    """'' if `make`'s kernel runs here and matches F.linear on a small random case, else why not."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=True).to(dtype)
+    x = torch.randn(3, 64, dtype=dtype)
+    try:
+        got = make(lin)(x).float()
+    except (RuntimeError, NotImplementedError) as exc:
+        return f"{make.__name__} kernel unavailable: {str(exc).splitlines()[0][:120]}"
+    want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+    tol = 1e-4 if make is PackedLinear and dtype == torch.float32 else 0.1
+    if not torch.allclose(got, want, atol=tol, rtol=tol):
+        return f"{make.__name__} kernel disagrees with F.linear (max |diff| {(got - want).abs().max():.2e})"
+    return ""
+
+
+def _plain_is_faster(linears: list[nn.Linear], repeats: int = 5) -> bool:
+    """Time one-row products (decode's shape) through `linears` on F.linear and on oneDNN packed weights."""
+    import time
+
+    packed = [PackedLinear(lin) for lin in linears]
+    x = [torch.randn(1, lin.in_features, dtype=lin.weight.dtype) for lin in linears]
+
+    def best(mods) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for m, xi in zip(mods, x, strict=True):
+                m(xi)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.inference_mode():
+        best(linears), best(packed)  # warm up
+        return best(linears) < best(packed)
+
+
+def accelerate(model, weights: str = "native", kernels: str = "auto") -> KernelInfo:
+    """Swap the model's linears for this machine's fastest kernel for `weights`, in place.
+
+    weights: "native" (keep the model's dtype: fp32 or bf16 go to oneDNN packed) or "int8" (weight-only
+    int8, for a bf16 model). kernels: "auto" (use the fast kernel where it runs and matches) or "plain"
+    (keep torch's default modules). Returns what was done; a log line says it too.
+    """
+    param = next(model.parameters())
+    dtype_name = str(param.dtype).removeprefix("torch.")
+    cpu = tuple(sorted(cpu_flags()))
+    if weights == "int8":
+        if param.dtype != torch.bfloat16:
+            raise ValueError("int8 weight-only linears need a bfloat16 model (activations run in bf16)")
+        make, path, shown = Int8Linear, "int8-weight-only", "int8"
+    elif weights == "native":
+        make, path, shown = PackedLinear, "onednn-packed", dtype_name
+    else:
+        raise ValueError(f"unknown weights {weights!r}: use 'native' or 'int8'")
+    reason = ""
+    if kernels == "plain":
+        reason = "kernels='plain' asked for"
+    elif kernels not in ("auto", "packed"):
+        raise ValueError(f"unknown kernels {kernels!r}: use 'auto', 'packed' or 'plain'")
+    elif param.device.type != "cpu":
+        reason = f"{param.device.type} device: torch's own kernels"
+    elif make is PackedLinear and param.dtype not in (torch.float32, torch.bfloat16):
+        reason = f"no packed kernel for {dtype_name}"
+    elif make is PackedLinear and not torch.backends.mkldnn.is_available():
+        reason = "torch built without oneDNN"
+    else:
+        reason = _probe(make, param.dtype)
+    if reason and weights == "int8":
+        raise RuntimeError(f"int8 weight-only linears cannot run on this machine: {reason}")
+    if reason:
+        info = KernelInfo("plain", shown, reason, cpu, lean_layers=kernels != "plain")
+        log.info("relay-llm kernels: %s", info.describe())
+        return info
+    linears = _linears(model)
+    groups = {"head": [x for x in linears if x[1] == "lm_head"], "layers": [x for x in linears if x[1] != "lm_head"]}
+    kept = []
+    for group, members in groups.items():
+        if make is PackedLinear and kernels == "auto" and _plain_is_faster([lin for _, _, lin in members[:7]]):
+            kept.append(group)  # measured: torch's default kernel is faster here for one row
+            continue
+        for parent, name, linear in members:
+            setattr(parent, name, make(linear))
+    if len(kept) == len(groups):
+        info = KernelInfo("plain", shown, "measured faster than oneDNN packed here", cpu)
+    else:
+        note = f"{' and '.join(kept)} on torch's default kernel: measured faster here" if kept else ""
+        info = KernelInfo(path, shown, note, cpu)
+    log.info("relay-llm kernels: %s", info.describe())
+    return info

@@ -47,9 +47,11 @@ class KVBuffers:
 
 class _ScatterCache:
     """What an HF attention layer sees as its cache: `update` scatters the active tokens' K/V and returns
-    slots [lo, length), the ones the active queries may see (lo > 0 only under a sliding window)."""
+    slots [lo, length), the ones the active queries may see (lo > 0 only under a sliding window).
 
-    def __init__(self, kv: KVBuffers, slots: torch.Tensor, lo: int, length: int):
+    slots: the active tokens' slots, as an index tensor or (all tokens of a run) a slice."""
+
+    def __init__(self, kv: KVBuffers, slots: torch.Tensor | slice, lo: int, length: int):
         self.kv, self.slots, self.lo, self.length = kv, slots, lo, length
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -213,6 +215,58 @@ class Executor:
         scores = scores + mask[0].float()
         return torch.softmax(scores, dim=-1).mean(0)
 
+    def _run_all(self, hidden: torch.Tensor, positions: torch.Tensor, end: int, kv: KVBuffers, rope_cache: dict,
+                 capture_layer: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every token at every layer (full prefill, decode steps): contiguous slots, no gathers or scatters.
+
+        A single query sees every slot handed to it (slots before a sliding window's start are not handed
+        over), so decode steps attend without a mask.
+        """
+        t = hidden.shape[0]
+        slots = slice(int(positions[0]), end)
+        masks: dict = {}
+        x, captured = hidden[None], None
+        for i, layer in enumerate(self._calls):
+            if capture_layer == i:
+                captured = x[0].clone()
+            if t == 1:
+                lo = max(0, end - self.windows[i]) if self.windows[i] is not None else 0
+                mask = None
+            else:
+                lo, mask = self._run_mask(masks, positions, positions, end, self.windows[i])
+            out = layer(x, attention_mask=mask, position_embeddings=rope_cache[self.layer_types[i]],
+                        position_ids=positions[None], cache=_ScatterCache(kv, slots, lo, end))
+            x = out if not isinstance(out, tuple) else out[0]
+        return x[0], captured
+
+    def _run_plan(self, hidden: torch.Tensor, positions: torch.Tensor, end: int, kv: KVBuffers, rope_cache: dict,
+                  plan: LayerPlan, capture_layer: int | None):
+        """Per-layer active sets from `plan`: (hidden, captured, token_layers), as `run` returns them."""
+        t = hidden.shape[0]
+        captured = None
+        token_layers = torch.zeros(t, dtype=torch.long, device=self.device)
+        masks: dict[int | None, tuple[torch.Tensor, int, torch.Tensor]] = {}  # see `_run_mask`
+        for i, layer in enumerate(self._calls):
+            if capture_layer == i:
+                captured = hidden.clone()
+            state = LayerState(i, hidden, kv, positions)
+            act = plan.active(state)
+            token_layers[act] += 1
+            if act.numel():
+                cos, sin = rope_cache[self.layer_types[i]]
+                q_pos = positions[act]
+                lo, mask = self._run_mask(masks, act, q_pos, end, self.windows[i])
+                out = layer(
+                    hidden[act][None],
+                    attention_mask=mask,
+                    position_embeddings=(cos[:, act], sin[:, act]),
+                    position_ids=q_pos[None],
+                    cache=_ScatterCache(kv, q_pos, lo, end),
+                )
+                hidden[act] = out[0] if not isinstance(out, tuple) else out[0][0]
+            plan.after_layer(state)
+        return hidden, captured, token_layers
+
     @torch.inference_mode()
     def run(
         self,
@@ -243,28 +297,12 @@ class Executor:
         for layer_type in set(self.layer_types):
             args = (hidden[None], positions[None]) + ((layer_type,) if self._per_type_rope else ())
             rope_cache[layer_type] = self.base.rotary_emb(*args)
-        captured = None
-        token_layers = torch.zeros(t, dtype=torch.long, device=self.device)
-        masks: dict[int | None, tuple[torch.Tensor, int, torch.Tensor]] = {}  # see `_run_mask`
-        for i, layer in enumerate(self._calls):
-            if capture_layer == i:
-                captured = hidden.clone()
-            state = LayerState(i, hidden, kv, positions)
-            act = plan.active(state)
-            token_layers[act] += 1
-            if act.numel():
-                cos, sin = rope_cache[self.layer_types[i]]
-                q_pos = positions[act]
-                lo, mask = self._run_mask(masks, act, q_pos, end, self.windows[i])
-                out = layer(
-                    hidden[act][None],
-                    attention_mask=mask,
-                    position_embeddings=(cos[:, act], sin[:, act]),
-                    position_ids=q_pos[None],
-                    cache=_ScatterCache(kv, q_pos, lo, end),
-                )
-                hidden[act] = out[0] if not isinstance(out, tuple) else out[0][0]
-            plan.after_layer(state)
+        if isinstance(plan, AllTokens):
+            hidden, captured = self._run_all(hidden, positions, end, kv, rope_cache, capture_layer)
+            token_layers = torch.full((t,), self.num_layers, dtype=torch.long, device=self.device)
+        else:
+            hidden, captured, token_layers = self._run_plan(hidden, positions, end, kv, rope_cache, plan,
+                                                           capture_layer)
         rows = logit_rows if logit_rows is not None else torch.tensor([t - 1], device=self.device)
         logits = self.logits(hidden[rows]) if rows.numel() else None
         return RunResult(logits=logits, captured=captured, token_layers=token_layers)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -198,6 +199,51 @@ class LlamaCpp:
         return {"wall_s": time.perf_counter() - t0, "agents": agents}
 
 
+MATMUL_OPS = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::bmm"}
+ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
+
+
+def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:
+    """Per decode step, in ms: wall time, time in matmuls, in attention, and everything else.
+
+    Runs the engine's own generation loop (sampling, detokenisation, stop checks, K/V capture included) on
+    its worker thread: once for 1 token and once for n, each timed bare and again under torch's profiler;
+    the difference is n - 1 decode steps. Matmul and attention times are the profiler's self times of those
+    kernels; "other" is the bare wall time minus both (the profiler's own per-op cost stays out of it).
+    """
+    from torch.profiler import profile
+
+    from relay_llm.engine import ChunkStream, GenerationOptions
+
+    sched = engine._make_schedule("full", None)
+
+    def gen(tokens: int) -> None:
+        engine._generate(ids, GenerationOptions(max_new_tokens=tokens), sched, lambda c: None, threading.Event())
+
+    def job(emit, cancel) -> None:
+        gen(4)  # warm-up
+        walls, ops = {}, {}
+        for tokens in (1, n):
+            t = time.perf_counter()
+            gen(tokens)
+            walls[tokens] = time.perf_counter() - t
+            with profile() as prof:
+                gen(tokens)
+            ops[tokens] = {k: sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 1e3
+                           for k, names in (("matmul", MATMUL_OPS), ("attention", ATTENTION_OPS))}
+        emit((walls, ops))
+
+    out, cancel = engine._worker.submit(job)
+    ((walls, ops),) = list(ChunkStream(out, cancel))
+    steps = n - 1
+    wall = 1000 * (walls[n] - walls[1]) / steps
+    matmul = (ops[n]["matmul"] - ops[1]["matmul"]) / steps
+    attention = (ops[n]["attention"] - ops[1]["attention"]) / steps
+    other = wall - matmul - attention
+    return {"step_ms": wall, "matmul_ms": matmul, "attention_ms": attention, "other_ms": other,
+            "other_share": other / wall}
+
+
 def fidelity(reference: RelayEngine, engine: RelayEngine, outputs: list[str], steps: int = 20) -> list[float]:
     """Mean KL(reference full || engine relay) per step over `steps` teacher-forced tokens, agents 2-5.
 
@@ -257,6 +303,12 @@ def main() -> None:
             row = {"system": s.label, "prompt": len(ids), "ttft_s": ttft, "ms_per_token": ms, "tokens": n}
             results["decode"].append(row)
             print(json.dumps(row), flush=True)
+    results["breakdown"] = {}
+    short = prompt_ids(ref, 200)
+    for s in systems:
+        if isinstance(s, RelaySystem):
+            results["breakdown"][s.label] = b = step_breakdown(s.engine, short, args.decode_tokens)
+            print(s.label, "step breakdown", {k: round(v, 2) for k, v in b.items()}, flush=True)
     if not args.skip_chain:
         for s in systems:
             results["chain"][s.label] = c = s.chain(args.chain_tokens)
@@ -281,6 +333,12 @@ def print_tables(r: dict) -> None:
         floor = r["floor_ms"].get(row["system"])
         print(f"| {row['system']} | {row['prompt']} | {row['ttft_s']:.2f} | {row['ms_per_token']:.1f} | "
               f"{f'{floor:.1f}' if floor else '-'} |")
+    if r.get("breakdown"):
+        print("\n| system | decode step (ms) | matmuls | attention | everything else | else share |")
+        print("|---|---|---|---|---|---|")
+        for label, b in r["breakdown"].items():
+            print(f"| {label} | {b['step_ms']:.1f} | {b['matmul_ms']:.1f} | {b['attention_ms']:.2f} | "
+                  f"{b['other_ms']:.1f} | {100 * b['other_share']:.0f} % |")
     if r["chain"]:
         print("\n| system | chain wall (s) | new tokens per agent | agent 5 TTFT (s) | mean KL vs fp32 full |")
         print("|---|---|---|---|---|")

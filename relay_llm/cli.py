@@ -20,8 +20,9 @@ def _positive_int(text: str) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help='"default" (packaged gemma-3-270m), a Hugging Face model folder, or a .gguf file')
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and K/V dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fast", "float32", "bfloat16", "float16", "int8"),
+                   help="precision (auto: lossless, float32 on CPU, bfloat16 on CUDA; fast: this machine's fastest "
+                        "measured precision; int8: weight-only int8 linears, bf16 activations)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

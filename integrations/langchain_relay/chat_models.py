@@ -167,7 +167,7 @@ class ChatRelayLLM(BaseChatModel):
     model: str = "default"
     """"default" (the packaged gemma-3-270m), a local Hugging Face folder, or a .gguf file."""
     dtype: str = "auto"
-    """"auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16" or "float16"."""
+    """"auto" (lossless: fp32 on CPU, bf16 on CUDA), "fast", "float32", "bfloat16", "float16" or "int8"."""
     temperature: float | None = None
     """Sampling temperature; 0 or None is greedy."""
     max_tokens: int | None = None

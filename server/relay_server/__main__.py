@@ -11,7 +11,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every request (default: $RELAY_LLM_API_KEY)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto", help="auto (lossless), fast, float32, bfloat16, float16 or int8")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--model-id", default=None, help="the model name served in /v1/models")
     return parser

@@ -181,7 +181,8 @@ class RelayLLM(FunctionCallingLLM):
 
     model: str = Field(default="default",
                        description='"default" (the packaged gemma-3-270m), a local Hugging Face folder or a .gguf')
-    dtype: str = Field(default="auto", description='"auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", ...')
+    dtype: str = Field(default="auto", description='"auto" (lossless: fp32 on CPU, bf16 on CUDA), "fast", '
+                                                   '"float32", "bfloat16", "int8", ...')
     temperature: float | None = Field(default=None, description="Sampling temperature; 0 or None is greedy.")
     max_tokens: int | None = Field(default=None, description="Most tokens to generate (engine default when None).")
     top_p: float | None = Field(default=None, description="Nucleus sampling mass.")

@@ -244,23 +244,27 @@ def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:
             "other_share": other / wall}
 
 
-def fidelity(reference: RelayEngine, engine: RelayEngine, outputs: list[str], steps: int = 20) -> list[float]:
-    """Mean KL(reference full || engine relay) per step over `steps` teacher-forced tokens, agents 2-5.
+def fidelity(reference: RelayEngine, engine: RelayEngine, outputs: list[str], steps: int = 20) -> dict:
+    """Mean KL per step over `steps` teacher-forced tokens, for agents 2-5 of the chain whose `outputs` are
+    given: {"full": [KL(reference full || engine full)] (the precision alone), "relay": [KL(reference full ||
+    engine relay)] (precision and reuse together)}.
 
-    Each agent's prompt is prefilled once in `engine` first (1 new token) so its pasted outputs are stored
-    as prompt segments; the next agent's prompt then finds them at new positions (relayed spans).
+    Each output is first prefilled in `engine` as a message of its own, so its K/V (made in another
+    context, at other positions) is stored; the agents' prompts then find it pasted behind their own system
+    prompt and earlier text: relayed spans, rotated and repaired as relay does.
     """
-    kls = []
+    for text in outputs[:-1]:
+        engine.complete(engine.render([{"role": "user", "content": text}]), max_new_tokens=1)
+    kls: dict[str, list[float]] = {"full": [], "relay": []}
     for k in range(1, len(AGENTS)):
-        prev = reference.render(agent_messages(k - 1, outputs))
-        engine.complete(prev, max_new_tokens=1)
         ids = reference.render(agent_messages(k, outputs))
         cont = reference.complete(ids, max_new_tokens=steps, schedule="full").token_ids
         if len(cont) < 2:
             continue
         ref = reference.teacher_force(ids, cont, schedule="full")
-        got = engine.teacher_force(ids, cont)
-        kls.append(float((ref.exp() * (ref - got)).sum(-1).mean()))
+        for name in kls:
+            got = engine.teacher_force(ids, cont, schedule=name)
+            kls[name].append(float((ref.exp() * (ref - got)).sum(-1).mean()))
     return kls
 
 
@@ -319,7 +323,7 @@ def main() -> None:
             fresh = RelayEngine.load("default", dtype=p)  # an empty store: spans come only from these prompts
             results["fidelity"][p] = kl = fidelity(ref, fresh, outputs)
             fresh.close()
-            print(p, "mean KL vs fp32 full", [round(x, 4) for x in kl], flush=True)
+            print(p, "KL vs fp32 full, per agent", {k: [round(x, 4) for x in v] for k, v in kl.items()}, flush=True)
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -340,13 +344,13 @@ def print_tables(r: dict) -> None:
             print(f"| {label} | {b['step_ms']:.1f} | {b['matmul_ms']:.1f} | {b['attention_ms']:.2f} | "
                   f"{b['other_ms']:.1f} | {100 * b['other_share']:.0f} % |")
     if r["chain"]:
-        print("\n| system | chain wall (s) | new tokens per agent | agent 5 TTFT (s) | mean KL vs fp32 full |")
-        print("|---|---|---|---|---|")
+        print("\n| system | chain wall (s) | new tokens per agent | agent 5 TTFT (s) | KL vs fp32 full: full | relay |")
+        print("|---|---|---|---|---|---|")
         for label, c in r["chain"].items():
             a5 = c["agents"][-1].get("ttft_s")
             prec = next((p for p in r["fidelity"] if label.startswith(f"relay-llm {p} ")), None)
-            kl = r["fidelity"].get(prec)
-            kl_text = f"{sum(kl) / len(kl):.4f}" if kl else "-"
+            kl = r["fidelity"].get(prec) or {}
+            kl_text = " | ".join(f"{sum(v) / len(v):.4f}" if v else "-" for v in (kl.get("full"), kl.get("relay")))
             print(f"| {label} | {c['wall_s']:.1f} | {[a['new'] for a in c['agents']]} | "
                   f"{f'{a5:.2f}' if a5 is not None else '-'} | {kl_text} |")
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import RowsOf
+
 
 class _Norm:
     """An HF RMSNorm as one fused op: y = rms_norm(x in fp32) * w, cast back (Gemma: w = 1 + weight, applied
@@ -45,6 +47,16 @@ def _rms_norm_kind(module: nn.Module) -> str | None:
     return "llama" if name.startswith(("Llama", "Mistral", "Qwen2", "Qwen3")) else None
 
 
+def _fused(*parts: nn.Module) -> tuple[nn.Module, list[int]] | None:
+    """(the shared fused linear, each part's width) where `parts` are `kernels.RowsOf` views of one linear,
+    side by side in order; else None."""
+    if not all(isinstance(p, RowsOf) for p in parts) or any(p.fused is not parts[0].fused for p in parts):
+        return None
+    if [p.lo for p in parts] != [0] + [p.hi for p in parts[:-1]] or parts[-1].hi != parts[0].fused.out_features:
+        return None
+    return parts[0].fused, [p.hi - p.lo for p in parts]
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX (rotate-half) RoPE. x: [1, heads, n, d]; cos, sin: [1, 1, n, d]."""
     half = x.shape[-1] // 2
@@ -60,7 +72,9 @@ class LeanLayer:
         attn, mlp = layer.self_attn, layer.mlp
         gemma = _rms_norm_kind(layer.input_layernorm) == "gemma"
         self.idx = attn.layer_idx
+        self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj)  # (linear, split sizes) or None
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate_up = _fused(mlp.gate_proj, mlp.up_proj)
         self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
@@ -81,9 +95,11 @@ class LeanLayer:
         n = x.shape[1]
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         h = self.input_norm(x)
-        q = self.q_proj(h).view(1, n, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(1, n, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(1, n, -1, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            q, k, v = self.qkv[0](h).split(self.qkv[1], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q, k, v = (t.reshape(1, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -95,7 +111,11 @@ class LeanLayer:
             a = self.post_attn_norm(a)
         x = x + a
         h = self.pre_mlp_norm(x)
-        m = self.down(self.act(self.gate(h)) * self.up(h))
+        if self.gate_up is not None:
+            g, u = self.gate_up[0](h).split(self.gate_up[1], dim=-1)
+        else:
+            g, u = self.gate(h), self.up(h)
+        m = self.down(self.act(g) * u)
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
         return x + m

@@ -90,6 +90,51 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class RowsOf(nn.Module):
+    """Output columns [lo, hi) of a fused linear: what q_proj / k_proj / v_proj (and gate_proj / up_proj) become
+    once fused. `decoder.LeanLayer` calls `fused` once per layer; HF's own forward (the reference path) still
+    works, computing the fused product once per part."""
+
+    def __init__(self, fused: nn.Module, lo: int, hi: int):
+        super().__init__()
+        self.fused, self.lo, self.hi = fused, lo, hi
+        self.in_features, self.out_features = fused.in_features, hi - lo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[..., self.lo : self.hi]
+
+
+def _concat(parts: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output is the parts' outputs side by side (missing biases as zeros)."""
+    w = torch.cat([p.weight.detach() for p in parts])
+    has_bias = any(p.bias is not None for p in parts)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, dtype=w.dtype, device=w.device)
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() if p.bias is not None else
+                                             torch.zeros(p.out_features, dtype=w.dtype) for p in parts]),
+                                  requires_grad=False)
+    return fused
+
+
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def fuse_projections(model) -> None:
+    """In every decoder layer, concatenate q/k/v and gate/up into one linear each (`RowsOf` views), in place:
+    decode then makes 4 matmul calls per layer instead of 7."""
+    for layer in model.model.layers:
+        for owner_name, names in FUSED_GROUPS:
+            owner = getattr(layer, owner_name, None)
+            parts = [getattr(owner, n, None) for n in names]
+            if owner is None or not all(isinstance(p, nn.Linear) for p in parts):
+                continue
+            fused, lo = _concat(parts), 0
+            for name, part in zip(names, parts, strict=True):
+                setattr(owner, name, RowsOf(fused, lo, lo + part.out_features))
+                lo += part.out_features
+
+
 @dataclass(frozen=True)
 class KernelInfo:
     """Which linear kernel a model runs on. path: "onednn-packed" | "int8-weight-only" | "plain"."""
@@ -105,13 +150,14 @@ class KernelInfo:
         return f"{text} ({self.reason})" if self.reason else text
 
 
-def _linears(model) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, linear) of every nn.Linear in the decoder layers, plus the LM head."""
-    out = []
+def _linears(model) -> dict[nn.Linear, list[tuple[nn.Module, str]]]:
+    """Every nn.Linear of the decoder layers plus the LM head, in order -> the (parent, attribute) places holding
+    it (a fused linear sits in each of its `RowsOf` views)."""
+    out: dict[nn.Linear, list[tuple[nn.Module, str]]] = {}
     for parent in [model, *model.model.layers.modules()]:
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and (parent is not model or name == "lm_head"):
-                out.append((parent, name, child))
+                out.setdefault(child, []).append((parent, name))
     return out
 
 
@@ -186,18 +232,24 @@ def accelerate(model, weights: str = "native", kernels: str = "auto") -> KernelI
     if reason and weights == "int8":
         raise RuntimeError(f"int8 weight-only linears cannot run on this machine: {reason}")
     if reason:
+        if kernels != "plain":
+            fuse_projections(model)
         info = KernelInfo("plain", shown, reason, cpu, lean_layers=kernels != "plain")
         log.info("relay-llm kernels: %s", info.describe())
         return info
+    fuse_projections(model)
     linears = _linears(model)
-    groups = {"head": [x for x in linears if x[1] == "lm_head"], "layers": [x for x in linears if x[1] != "lm_head"]}
+    groups = {"head": [lin for lin in linears if lin is model.lm_head],
+              "layers": [lin for lin in linears if lin is not model.lm_head]}
     kept = []
     for group, members in groups.items():
-        if make is PackedLinear and kernels == "auto" and _plain_is_faster([lin for _, _, lin in members[:7]]):
+        if make is PackedLinear and kernels == "auto" and _plain_is_faster(members[:4]):  # the head, or layer 0
             kept.append(group)  # measured: torch's default kernel is faster here for one row
             continue
-        for parent, name, linear in members:
-            setattr(parent, name, make(linear))
+        for linear in members:
+            fast = make(linear)
+            for parent, name in linears[linear]:
+                setattr(parent, name, fast)
     if len(kept) == len(groups):
         info = KernelInfo("plain", shown, "measured faster than oneDNN packed here", cpu)
     else:

@@ -6,7 +6,7 @@ import torch
 
 from relay_llm import RelayEngine, kernels, loading
 from relay_llm.decoder import LeanLayer
-from relay_llm.kernels import Int8Linear, PackedLinear
+from relay_llm.kernels import Int8Linear, PackedLinear, RowsOf
 
 from .tiny import FAMILIES
 
@@ -41,8 +41,10 @@ def test_packed_lean_path_equals_plain_path_in_fp32(engines, family):
     plain, fast = engines[family]["plain"], engines[family]["packed"]
     assert plain.executor.lean is None and fast.executor.lean is not None  # two different code paths
     assert all(isinstance(c, LeanLayer) for c in fast.executor._calls)
-    assert isinstance(fast.model.lm_head, PackedLinear) and isinstance(fast.model.model.layers[0].mlp.up_proj,
-                                                                       PackedLinear)
+    layer = fast.model.model.layers[0]
+    assert isinstance(fast.model.lm_head, PackedLinear) and isinstance(layer.self_attn.o_proj, PackedLinear)
+    assert isinstance(layer.mlp.up_proj, RowsOf) and isinstance(layer.mlp.up_proj.fused, PackedLinear)
+    assert fast.executor.lean[0].qkv is not None and fast.executor.lean[0].gate_up is not None  # one call each
     assert fast.info()["kernels"] == "onednn-packed" and plain.info()["kernels"] == "plain"
     ids = torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(4))
     want, got = _logits(plain, ids, 32), _logits(fast, ids, 32)
@@ -91,6 +93,7 @@ def test_missing_kernel_falls_back_to_plain_and_says_why(tiny_dirs, monkeypatch)
         info = engine.info()
         assert info["kernels"] == "plain" and "oneDNN" in info["kernels_note"]
         assert isinstance(engine.model.lm_head, torch.nn.Linear)
+        assert isinstance(engine.model.model.layers[0].self_attn.q_proj, RowsOf)  # fused all the same
         assert info["lean_layers"]  # the lean layer forward needs no special kernel
         assert engine.chat([{"role": "user", "content": "hi"}], max_new_tokens=3).stats.completion_tokens == 3
     finally:

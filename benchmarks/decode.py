@@ -275,6 +275,9 @@ def main() -> None:
     ap.add_argument("--chain-tokens", type=int, default=128)
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--skip-chain", action="store_true")
+    ap.add_argument("--only", default=None,
+                    help="decode part only, for the systems whose label starts with this (one per process: "
+                         "no other model resident)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -282,6 +285,8 @@ def main() -> None:
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     bw = read_bandwidth_gbs()
     print(f"machine: {machine}; read bandwidth {bw:.1f} GB/s", flush=True)
+    if args.only:
+        return isolated(args.only, [int(x) for x in args.prompts.split(",")], args.decode_tokens, bw)
     systems: list = [RelaySystem("relay-llm fp32, plain kernels (before)",
                                  RelayEngine.load("default", dtype="float32", kernels="plain"))]
     engines = {}
@@ -327,6 +332,24 @@ def main() -> None:
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def isolated(only: str, sizes: list[int], n: int, bw: float) -> None:
+    """Decode part for one system alone in this process (`--only`): "llama.cpp", "HF", or "relay-llm DTYPE"."""
+    if only.startswith("relay-llm"):
+        name = only.split()[-1]  # a dtype, or "before": fp32 on the plain path
+        engine = RelayEngine.load("default", dtype="float32" if name == "before" else name,
+                                  kernels="plain" if name == "before" else "auto")
+        system = RelaySystem(f"relay-llm {name} ({engine.kernels.describe()})", engine)
+    else:
+        engine = RelayEngine.load("default", dtype="float32", kernels="plain")  # prompts only
+        system = LlamaCpp(engine) if only.startswith("llama") else HFGenerate(engine)
+    for size in sizes:
+        ids = prompt_ids(engine, size)
+        system.decode(ids[:64], 4)
+        ttft, ms, tokens = system.decode(ids, n)
+        print(json.dumps({"system": system.label, "alone": True, "prompt": len(ids), "ttft_s": ttft,
+                          "ms_per_token": ms, "tokens": tokens, "bandwidth_gbs": bw}), flush=True)
 
 
 def print_tables(r: dict) -> None:

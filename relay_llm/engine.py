@@ -182,7 +182,12 @@ class _Cancelled:
 
 
 class _Worker:
-    """A single thread that runs jobs in submission order."""
+    """A single thread that runs jobs in submission order.
+
+    It also loads the model (`RelayEngine.load`): libgomp throttles its threads' spin-waiting once more
+    threads than cores are in OpenMP teams, and every thread that runs a parallel torch op keeps a team, so
+    a model loaded on the caller's thread and run on this one decoded ~30 % slower (measured, 2 cores).
+    """
 
     def __init__(self):
         self._jobs: queue.Queue = queue.Queue()
@@ -208,6 +213,12 @@ class _Worker:
         self._jobs.put((fn, out, cancel))
         return out, cancel
 
+    def call(self, fn: Callable):
+        """Run `fn()` on the worker thread and return its result (or raise its exception)."""
+        out, cancel = self.submit(lambda emit, c: emit(fn()))
+        (result,) = list(ChunkStream(out, cancel))
+        return result
+
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=60)
@@ -217,7 +228,7 @@ class RelayEngine:
     """A local causal LM that keeps and reuses the K/V of text it generated."""
 
     def __init__(self, model, tokenizer, fingerprint: loading.Fingerprint, config: EngineConfig | None = None,
-                 kernels: KernelInfo | None = None):
+                 kernels: KernelInfo | None = None, worker: _Worker | None = None):
         self.model = model
         self.kernels = kernels or KernelInfo("plain", fingerprint.dtype, "model handed in, not loaded by relay-llm")
         self.tokenizer = tokenizer
@@ -241,7 +252,7 @@ class RelayEngine:
         self.set_profile(find_profile(fingerprint))
         if self.store.files is not None:
             self.store.load_persisted(self.store_fingerprint)
-        self._worker = _Worker()
+        self._worker = worker or _Worker()
 
     def set_profile(self, profile: Profile | None) -> None:
         """Use `profile` (or none) for the relay band, the default schedule and the capture layer."""
@@ -279,8 +290,14 @@ class RelayEngine:
 
         dtype and kernels: see `loading.load` ("auto" is lossless; "fast" is this machine's fastest precision).
         """
-        hf_model, tokenizer, fp, info = loading.load(model, dtype=dtype, device=device, kernels=kernels)
-        return cls(hf_model, tokenizer, fp, config=config, kernels=info)
+        worker = _Worker()  # loads on the thread that will run the model (see `_Worker`)
+        try:
+            hf_model, tokenizer, fp, info = worker.call(
+                lambda: loading.load(model, dtype=dtype, device=device, kernels=kernels))
+        except BaseException:
+            worker.close()
+            raise
+        return cls(hf_model, tokenizer, fp, config=config, kernels=info, worker=worker)
 
     def info(self) -> dict:
         """What this engine runs on: model, precision, linear kernel path, device, CPU features, schedule."""

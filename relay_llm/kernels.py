@@ -69,8 +69,12 @@ class PackedLinear(nn.Module):
 class Int8Linear(nn.Module):
     """Weight-only int8: W ~ scale[o] * q[o, :], q in [-127, 127], one scale per output row (absmax).
 
-    x: [..., in] bf16 -> [..., out] bf16; the product accumulates in fp32 inside the kernel.
+    x: [..., in] bf16 -> [..., out] bf16; the product accumulates in fp32 inside the kernel. From
+    `GEMM_ROWS` rows on (prefill), the weight is dequantised for the call and multiplied on a GEMM kernel
+    (bf16 where the CPU multiplies bf16 natively, else fp32): the int8 kernel is a GEMV, slow on many rows.
     """
+
+    GEMM_ROWS = 16
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -84,7 +88,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
+        if flat.shape[0] >= self.GEMM_ROWS:
+            dt = torch.bfloat16 if native_bf16() else torch.float32
+            w = self.qweight.to(dt) * self.scale.to(dt)[:, None]
+            y = F.linear(flat.to(dt), w).to(torch.bfloat16)
+        else:
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

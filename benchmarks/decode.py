@@ -2,6 +2,9 @@
 
 Three parts, side by side in one process on one machine:
 
+Every system runs alone in a fresh process (models resident beside each other, and thread pools of
+other threads, slow each other down: llama.cpp decoded 24 ms/token alone and 39 beside torch).
+
 1. **Decode.** The same prompt ids (about 600 and about 2000 tokens) through every system: TTFT of a cold
    full prefill, then decode ms per token over `--decode-tokens` greedy tokens. Also the machine's
    measured read bandwidth and the decode floor it implies (bytes of weights read per token / bandwidth).
@@ -21,7 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -275,107 +282,114 @@ def main() -> None:
     ap.add_argument("--chain-tokens", type=int, default=128)
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--skip-chain", action="store_true")
-    ap.add_argument("--only", default=None,
-                    help="decode part only, for the systems whose label starts with this (one per process: "
-                         "no other model resident)")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one system in this process (the driver's)
+    ap.add_argument("--fidelity-of", default=None, help=argparse.SUPPRESS)  # the fidelity part, from a chain file
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    sizes = [int(x) for x in args.prompts.split(",")]
+    if args.only:
+        return print(json.dumps(one_system(args.only, sizes, args.decode_tokens,
+                                           0 if args.skip_chain else args.chain_tokens)))
+    if args.fidelity_of:
+        outputs = json.loads(Path(args.fidelity_of).read_text())
+        ref = RelayEngine.load("default", dtype="float32")
+        result = {}
+        for p in args.precisions.split(","):
+            fresh = RelayEngine.load("default", dtype=p)  # an empty store: spans come only from these prompts
+            result[p] = fidelity(ref, fresh, outputs)
+            fresh.close()
+        return print(json.dumps(result))
 
     machine = {"cpu": platform.processor() or platform.machine(), "flags": sorted(cpu_flags()),
                "threads": torch.get_num_threads(), "torch": torch.__version__}
-    bw = read_bandwidth_gbs()
-    print(f"machine: {machine}; read bandwidth {bw:.1f} GB/s", flush=True)
-    if args.only:
-        return isolated(args.only, [int(x) for x in args.prompts.split(",")], args.decode_tokens, bw)
-    systems: list = [RelaySystem("relay-llm fp32, plain kernels (before)",
-                                 RelayEngine.load("default", dtype="float32", kernels="plain"))]
-    engines = {}
-    for p in args.precisions.split(","):
-        engines[p] = RelayEngine.load("default", dtype=p)
-        systems.append(RelaySystem(f"relay-llm {p} ({engines[p].kernels.describe()})", engines[p]))
-    ref = engines.get("float32") or systems[0].engine
-    systems.append(HFGenerate(ref))
-    try:
-        systems.append(LlamaCpp(ref))
-    except ImportError as exc:
-        print(f"llama.cpp skipped: {exc}")
-
-    floors = {s.label: weight_bytes_per_token(s.engine) / bw / 1e6 for s in systems if isinstance(s, RelaySystem)}
-    results = {"machine": machine, "bandwidth_gbs": bw, "floor_ms": floors, "decode": [], "chain": {},
-               "fidelity": {}}
-    sizes = [int(x) for x in args.prompts.split(",")]
-    for size in sizes:
-        ids = prompt_ids(ref, size)
-        for s in systems:
-            s.decode(ids[:64], 4)  # warm-up
-            ttft, ms, n = s.decode(ids, args.decode_tokens)
-            row = {"system": s.label, "prompt": len(ids), "ttft_s": ttft, "ms_per_token": ms, "tokens": n}
-            results["decode"].append(row)
-            print(json.dumps(row), flush=True)
-    results["breakdown"] = {}
-    short = prompt_ids(ref, 200)
-    for s in systems:
-        if isinstance(s, RelaySystem):
-            results["breakdown"][s.label] = b = step_breakdown(s.engine, short, args.decode_tokens)
-            print(s.label, "step breakdown", {k: round(v, 2) for k, v in b.items()}, flush=True)
-    if not args.skip_chain:
-        for s in systems:
-            results["chain"][s.label] = c = s.chain(args.chain_tokens)
-            print(s.label, "chain", round(c["wall_s"], 1), "s", [a["new"] for a in c["agents"]], flush=True)
-        outputs = results["chain"][next(s.label for s in systems if getattr(s, "engine", None) is ref
-                                        and isinstance(s, RelaySystem))]["outputs"]
-        for p in engines:
-            fresh = RelayEngine.load("default", dtype=p)  # an empty store: spans come only from these prompts
-            results["fidelity"][p] = kl = fidelity(ref, fresh, outputs)
-            fresh.close()
-            print(p, "KL vs fp32 full, per agent", {k: [round(x, 4) for x in v] for k, v in kl.items()}, flush=True)
+    labels = ["relay-llm before"] + [f"relay-llm {p}" for p in args.precisions.split(",")] + ["HF", "llama.cpp"]
+    results = {"machine": machine, "systems": {}, "fidelity": {}}
+    common = ["--prompts", args.prompts, "--decode-tokens", str(args.decode_tokens), "--chain-tokens",
+              str(args.chain_tokens)] + (["--skip-chain"] if args.skip_chain else [])
+    for label in labels:
+        out = _child(["--only", label, *common])
+        if out is None:
+            print(f"{label}: skipped (see its error above)", flush=True)
+            continue
+        results["systems"][out["label"]] = out
+        print(out["label"], {k: v for k, v in out.items() if k not in ("chain", "label")}, flush=True)
+    fp32 = next((r for r in results["systems"].values() if r["label"].startswith("relay-llm float32")), None)
+    if fp32 and fp32.get("chain"):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(fp32["chain"]["outputs"], f)
+        results["fidelity"] = _child(["--fidelity-of", f.name, "--precisions", args.precisions]) or {}
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-def isolated(only: str, sizes: list[int], n: int, bw: float) -> None:
-    """Decode part for one system alone in this process (`--only`): "llama.cpp", "HF", or "relay-llm DTYPE"."""
+def _child(argv: list[str]) -> dict | None:
+    """Run this script in a fresh process (nothing else resident, no other thread pools) and parse its JSON."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def one_system(only: str, sizes: list[int], n: int, chain_tokens: int) -> dict:
+    """Everything measured of one system, alone in this process: "relay-llm DTYPE" (or "relay-llm before":
+    fp32 on the plain path), "HF" or "llama.cpp". The bandwidth is measured on the engine's worker thread, so
+    this process's main thread never starts an OpenMP team (see `engine._Worker`)."""
     if only.startswith("relay-llm"):
-        name = only.split()[-1]  # a dtype, or "before": fp32 on the plain path
+        name = only.split()[-1]
         engine = RelayEngine.load("default", dtype="float32" if name == "before" else name,
                                   kernels="plain" if name == "before" else "auto")
         system = RelaySystem(f"relay-llm {name} ({engine.kernels.describe()})", engine)
     else:
-        engine = RelayEngine.load("default", dtype="float32", kernels="plain")  # prompts only
+        engine = RelayEngine.load("default", dtype="float32", kernels="plain")  # prompt ids only
         system = LlamaCpp(engine) if only.startswith("llama") else HFGenerate(engine)
+    bw = engine._worker.call(read_bandwidth_gbs)
+    out = {"label": system.label, "bandwidth_gbs": bw, "decode": []}
+    if isinstance(system, RelaySystem):
+        out["floor_ms"] = weight_bytes_per_token(engine) / bw / 1e6
+        out["engine"] = engine.info()
     for size in sizes:
         ids = prompt_ids(engine, size)
-        system.decode(ids[:64], 4)
+        system.decode(ids[:64], 4)  # warm-up
         ttft, ms, tokens = system.decode(ids, n)
-        print(json.dumps({"system": system.label, "alone": True, "prompt": len(ids), "ttft_s": ttft,
-                          "ms_per_token": ms, "tokens": tokens, "bandwidth_gbs": bw}), flush=True)
+        out["decode"].append({"prompt": len(ids), "ttft_s": ttft, "ms_per_token": ms, "tokens": tokens})
+    if isinstance(system, RelaySystem):
+        out["breakdown"] = step_breakdown(engine, prompt_ids(engine, 200), n)
+    if chain_tokens:
+        out["chain"] = system.chain(chain_tokens)
+    return out
 
 
 def print_tables(r: dict) -> None:
-    print(f"\nread bandwidth {r['bandwidth_gbs']:.1f} GB/s; machine {r['machine']}")
-    print("\n| system | prompt tokens | TTFT (s) | decode ms/token | floor ms/token |")
-    print("|---|---|---|---|---|")
-    for row in r["decode"]:
-        floor = r["floor_ms"].get(row["system"])
-        print(f"| {row['system']} | {row['prompt']} | {row['ttft_s']:.2f} | {row['ms_per_token']:.1f} | "
-              f"{f'{floor:.1f}' if floor else '-'} |")
-    if r.get("breakdown"):
-        print("\n| system | decode step (ms) | matmuls | attention | everything else | else share |")
-        print("|---|---|---|---|---|---|")
-        for label, b in r["breakdown"].items():
+    print(f"\nmachine {r['machine']}; each system alone in its own process")
+    print("\n| system | read GB/s | prompt tokens | TTFT (s) | decode ms/token | floor ms/token |")
+    print("|---|---|---|---|---|---|")
+    for label, s in r["systems"].items():
+        floor = s.get("floor_ms")
+        for row in s["decode"]:
+            print(f"| {label} | {s['bandwidth_gbs']:.1f} | {row['prompt']} | {row['ttft_s']:.2f} | "
+                  f"{row['ms_per_token']:.1f} | {f'{floor:.1f}' if floor else '-'} |")
+    print("\n| system | decode step (ms) | matmuls | attention | everything else | else share |")
+    print("|---|---|---|---|---|---|")
+    for label, s in r["systems"].items():
+        if b := s.get("breakdown"):
             print(f"| {label} | {b['step_ms']:.1f} | {b['matmul_ms']:.1f} | {b['attention_ms']:.2f} | "
                   f"{b['other_ms']:.1f} | {100 * b['other_share']:.0f} % |")
-    if r["chain"]:
-        print("\n| system | chain wall (s) | new tokens per agent | agent 5 TTFT (s) | KL vs fp32 full: full | relay |")
-        print("|---|---|---|---|---|---|")
-        for label, c in r["chain"].items():
-            a5 = c["agents"][-1].get("ttft_s")
-            prec = next((p for p in r["fidelity"] if label.startswith(f"relay-llm {p} ")), None)
-            kl = r["fidelity"].get(prec) or {}
-            kl_text = " | ".join(f"{sum(v) / len(v):.4f}" if v else "-" for v in (kl.get("full"), kl.get("relay")))
-            print(f"| {label} | {c['wall_s']:.1f} | {[a['new'] for a in c['agents']]} | "
-                  f"{f'{a5:.2f}' if a5 is not None else '-'} | {kl_text} |")
+    print("\n| system | chain wall (s) | new tokens per agent | agent 5 TTFT (s) | KL vs fp32 full: full | relay |")
+    print("|---|---|---|---|---|---|")
+    for label, s in r["systems"].items():
+        if not (c := s.get("chain")):
+            continue
+        a5 = c["agents"][-1].get("ttft_s")
+        prec = next((p for p in r["fidelity"] if label.startswith(f"relay-llm {p} ")), None)
+        kl = r["fidelity"].get(prec) or {}
+        kl_text = " | ".join(f"{sum(v) / len(v):.4f}" if v else "-" for v in (kl.get("full"), kl.get("relay")))
+        print(f"| {label} | {c['wall_s']:.1f} | {[a['new'] for a in c['agents']]} | "
+              f"{f'{a5:.2f}' if a5 is not None else '-'} | {kl_text} |")
 
 
 if __name__ == "__main__":

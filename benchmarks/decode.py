@@ -348,6 +348,10 @@ def one_system(only: str, sizes: list[int], n: int, chain_tokens: int) -> dict:
         engine = RelayEngine.load("default", dtype="float32", kernels="plain")  # prompt ids only
         system = LlamaCpp(engine) if only.startswith("llama") else HFGenerate(engine)
     bw = engine._worker.call(read_bandwidth_gbs)
+    if not isinstance(system, RelaySystem):
+        # The engine only renders prompts for a peer. Its worker thread's OpenMP team would make libgomp throttle
+        # the peer's own OpenMP threads (llama.cpp: 40 ms/token instead of 24): ending the thread frees the team.
+        engine.close()
     out = {"label": system.label, "bandwidth_gbs": bw, "decode": []}
     if isinstance(system, RelaySystem):
         out["floor_ms"] = weight_bytes_per_token(engine) / bw / 1e6

@@ -116,6 +116,22 @@ class RelaySystem:
         return {"wall_s": time.perf_counter() - t0, "agents": agents, "outputs": outputs}
 
 
+def peer_chain(engine: RelayEngine, generate) -> dict:
+    """The 5-agent chain on a peer: `generate(ids) -> (TTFT s or None, new ids)`; `engine` renders and decodes."""
+    outputs, agents = [], []
+    t0 = time.perf_counter()
+    for k in range(len(AGENTS)):
+        ids = engine.render(agent_messages(k, outputs))
+        t = time.perf_counter()
+        ttft, new = generate(ids)
+        agent = {"prompt": len(ids), "new": len(new), "wall_s": time.perf_counter() - t}
+        if ttft is not None:
+            agent["ttft_s"] = ttft
+        agents.append(agent)
+        outputs.append(engine.tokenizer.decode(new, skip_special_tokens=True))
+    return {"wall_s": time.perf_counter() - t0, "agents": agents}
+
+
 class HFGenerate:
     label = "HF generate (fp32)"
 
@@ -147,18 +163,13 @@ class HFGenerate:
         return ttft, 1000 * (stamps[-1] - stamps[1]) / max(1, new - 1), new
 
     def chain(self, n: int) -> dict:
-        outputs, agents = [], []
-        t0 = time.perf_counter()
-        for k in range(len(AGENTS)):
-            ids = self.engine.render(agent_messages(k, outputs))
-            t = time.perf_counter()
+        def generate(ids: list[int]) -> tuple[None, list[int]]:
             with torch.inference_mode():
                 out = self.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                                           repetition_penalty=1.1)
-            new = out[0, len(ids):].tolist()
-            agents.append({"prompt": len(ids), "new": len(new), "wall_s": time.perf_counter() - t})
-            outputs.append(self.engine.tokenizer.decode(new, skip_special_tokens=True))
-        return {"wall_s": time.perf_counter() - t0, "agents": agents}
+            return None, out[0, len(ids):].tolist()
+
+        return peer_chain(self.engine, generate)
 
 
 class LlamaCpp:
@@ -195,15 +206,11 @@ class LlamaCpp:
         return ttft, ms, len(out)
 
     def chain(self, n: int) -> dict:
-        outputs, agents = [], []
-        t0 = time.perf_counter()
-        for k in range(len(AGENTS)):
-            ids = self.engine.render(agent_messages(k, outputs))
-            t = time.perf_counter()
+        def generate(ids: list[int]) -> tuple[float, list[int]]:
             ttft, _, new = self._run(ids, n, 1.1)
-            agents.append({"prompt": len(ids), "ttft_s": ttft, "new": len(new), "wall_s": time.perf_counter() - t})
-            outputs.append(self.engine.tokenizer.decode(new, skip_special_tokens=True))
-        return {"wall_s": time.perf_counter() - t0, "agents": agents}
+            return ttft, new
+
+        return peer_chain(self.engine, generate)
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::bmm"}
@@ -220,14 +227,14 @@ def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:
     """
     from torch.profiler import profile
 
-    from relay_llm.engine import ChunkStream, GenerationOptions
+    from relay_llm.engine import GenerationOptions
 
     sched = engine._make_schedule("full", None)
 
     def gen(tokens: int) -> None:
         engine._generate(ids, GenerationOptions(max_new_tokens=tokens), sched, lambda c: None, threading.Event())
 
-    def job(emit, cancel) -> None:
+    def job() -> tuple[dict, dict]:
         gen(4)  # warm-up
         walls, ops = {}, {}
         for tokens in (1, n):
@@ -238,10 +245,9 @@ def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:
                 gen(tokens)
             ops[tokens] = {k: sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 1e3
                            for k, names in (("matmul", MATMUL_OPS), ("attention", ATTENTION_OPS))}
-        emit((walls, ops))
+        return walls, ops
 
-    out, cancel = engine._worker.submit(job)
-    ((walls, ops),) = list(ChunkStream(out, cancel))
+    walls, ops = engine._worker.call(job)
     steps = n - 1
     wall = 1000 * (walls[n] - walls[1]) / steps
     matmul = (ops[n]["matmul"] - ops[1]["matmul"]) / steps

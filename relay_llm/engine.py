@@ -414,9 +414,7 @@ class RelayEngine:
         if not cont:
             raise ValueError("continuation_ids must not be empty")
         self._check_length(len(ids), len(cont))
-        out, cancel = self._worker.submit(lambda emit, c: emit(self._teacher_force(ids, cont, sched)))
-        (logprobs,) = list(ChunkStream(out, cancel))
-        return logprobs
+        return self._worker.call(lambda: self._teacher_force(ids, cont, sched))
 
     # ---- worker side ---------------------------------------------------------------------------
 

@@ -29,7 +29,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -220,34 +219,29 @@ ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_sc
 def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:
     """Per decode step, in ms: wall time, time in matmuls, in attention, and everything else.
 
-    Runs the engine's own generation loop (sampling, detokenisation, stop checks, K/V capture included) on
-    its worker thread: once for 1 token and once for n, each timed bare and again under torch's profiler;
-    the difference is n - 1 decode steps. Matmul and attention times are the profiler's self times of those
-    kernels; "other" is the bare wall time minus both (the profiler's own per-op cost stays out of it).
+    Runs the engine's own generation path (the scheduler's decode steps, sampling, detokenisation, stop
+    checks, K/V capture included): once for 1 token and once for n, each timed bare and again under torch's
+    profiler, entered on the model thread; the difference is n - 1 decode steps. Matmul and attention times
+    are the profiler's self times of those kernels; "other" is the bare wall time minus both (the profiler's
+    own per-op cost stays out of it).
     """
     from torch.profiler import profile
 
-    from relay_llm.engine import GenerationOptions
-
-    sched = engine._make_schedule("full", None)
-
     def gen(tokens: int) -> None:
-        engine._generate(ids, GenerationOptions(max_new_tokens=tokens), sched, lambda c: None, threading.Event())
+        engine.complete(ids, max_new_tokens=tokens, schedule="full")
 
-    def job() -> tuple[dict, dict]:
-        gen(4)  # warm-up
-        walls, ops = {}, {}
-        for tokens in (1, n):
-            t = time.perf_counter()
-            gen(tokens)
-            walls[tokens] = time.perf_counter() - t
-            with profile() as prof:
-                gen(tokens)
-            ops[tokens] = {k: sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 1e3
-                           for k, names in (("matmul", MATMUL_OPS), ("attention", ATTENTION_OPS))}
-        return walls, ops
-
-    walls, ops = engine._worker.call(job)
+    gen(4)  # warm-up
+    walls, ops = {}, {}
+    for tokens in (1, n):
+        t = time.perf_counter()
+        gen(tokens)
+        walls[tokens] = time.perf_counter() - t
+        prof = profile()
+        engine._worker.call(prof.__enter__)  # the profiler records the thread it is entered on
+        gen(tokens)
+        engine._worker.call(lambda p=prof: p.__exit__(None, None, None))
+        ops[tokens] = {k: sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 1e3
+                       for k, names in (("matmul", MATMUL_OPS), ("attention", ATTENTION_OPS))}
     steps = n - 1
     wall = 1000 * (walls[n] - walls[1]) / steps
     matmul = (ops[n]["matmul"] - ops[1]["matmul"]) / steps

@@ -90,8 +90,8 @@ class LeanLayer:
             self.post_attn_norm, self.post_mlp_norm = None, None
             self.pre_mlp_norm = _Norm(layer.post_attention_layernorm, gemma)
 
-    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor, position_embeddings, cache,
-                 **_) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [1, n, hidden] -> q [1, heads, n, d], k and v [1, kv_heads, n, d], q and k normed and rotated."""
         n = x.shape[1]
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         h = self.input_norm(x)
@@ -102,11 +102,16 @@ class LeanLayer:
         q, k, v = (t.reshape(1, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _attend(self, q: torch.Tensor, cache, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """Scatter k, v into `cache`, attend q over what it hands back -> [1, heads, n, d]."""
         keys, values = cache.update(k, v, self.idx)
-        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=attention_mask, scale=self.scaling,
-                                           enable_gqa=self.gqa)
-        a = self.o_proj(a.transpose(1, 2).reshape(1, n, -1))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa)
+
+    def _rest(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual and MLP: x [1, n, hidden], attention a [1, heads, n, d] -> [1, n, hidden]."""
+        a = self.o_proj(a.transpose(1, 2).reshape(1, x.shape[1], -1))
         if self.post_attn_norm is not None:
             a = self.post_attn_norm(a)
         x = x + a
@@ -119,6 +124,19 @@ class LeanLayer:
         if self.post_mlp_norm is not None:
             m = self.post_mlp_norm(m)
         return x + m
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor, position_embeddings, cache,
+                 **_) -> torch.Tensor:
+        q, k, v = self._qkv(x, position_embeddings)
+        return self._rest(x, self._attend(q, cache, k, v, attention_mask))
+
+    def rows(self, x: torch.Tensor, position_embeddings, caches: list) -> torch.Tensor:
+        """One decode token per sequence: x [1, B, hidden], row b at its own position, attending over its own
+        sequence's slots through `caches[b]` (no mask: a single query sees every slot handed to it)."""
+        q, k, v = self._qkv(x, position_embeddings)
+        a = torch.cat([self._attend(q[:, :, b : b + 1], c, k[:, :, b : b + 1], v[:, :, b : b + 1], None)
+                       for b, c in enumerate(caches)], dim=2)
+        return self._rest(x, a)
 
 
 def lean_layers(model, layers: list[nn.Module]) -> list[LeanLayer] | None:

@@ -1,7 +1,8 @@
 """The engine: render -> plan (prefix hit, reused spans) -> prefill by schedule -> decode -> store.
 
-One worker thread owns the model; `chat`, `complete`, `stream` and `teacher_force` may be called
-from any thread and queue on it.
+One thread owns the model (`scheduler.Scheduler`): `chat`, `complete`, `stream` and `teacher_force`
+may be called from any thread; generations queue there and run batched, each decode step serving
+every running sequence.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import math
 import os
 import queue
 import threading
-import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,13 +20,14 @@ import torch
 from . import loading, structured
 from .executor import Executor, KVBuffers
 from .kernels import KernelInfo
-from .logprobs import MAX_TOP_LOGPROBS, LogprobRecorder
+from .logprobs import MAX_TOP_LOGPROBS
 from .matcher import chunk_bounds
+from .prefill import Prefill
 from .profiler import Profile, find_profile
-from .rope import rotate_layers
-from .sampling import Penalties, sample
+from .scheduler import Done, Failed, Scheduler
 from .schedules import PrefillPlan, Schedule, get_schedule
 from .selector import SelectorConfig
+from .sequence import Sequence
 from .stats import RequestStats
 from .store import PrefixCache, Segment, SegmentStore
 from .templates import ensure_template, stop_token_ids, validate_messages
@@ -66,6 +66,14 @@ class EngineConfig:
     capture_layer: int | None = None
     relay: dict = field(default_factory=dict)
     max_context: int | None = None  # default: the model's max_position_embeddings
+    # Continuous batching (relay_llm.scheduler): sequences decoded together in one step, generations waiting
+    # beyond that (more -> QueueFull, HTTP 429), bytes of K/V buffers all admitted sequences may hold
+    # (prompt + max_new_tokens slots each; a request larger than this alone -> ValueError), and the most
+    # prompt tokens computed between two decode steps (several short prompts, or a chunk of a long one).
+    max_batch: int = 8
+    max_queue: int = 64
+    kv_budget_bytes: int = 4 << 30
+    prefill_chunk_tokens: int = 512
 
 
 @dataclass
@@ -137,15 +145,6 @@ class Chunk:
     logprobs: list[dict] | None = None  # last chunk only, with options.logprobs: one entry per token_ids item
 
 
-class _Done:
-    pass
-
-
-class _Failed:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
 class ChunkStream(Iterator[Chunk]):
     """The items of one queued job, in order. Iterate it; `cancel()` may be called from any thread."""
 
@@ -156,11 +155,11 @@ class ChunkStream(Iterator[Chunk]):
         if self._finished:
             raise StopIteration
         item = self._out.get()
-        if isinstance(item, (_Done, _Cancelled)):
+        if isinstance(item, (Done, _Cancelled)):
             self._finished = True
             self._cancel.set()
             raise StopIteration
-        if isinstance(item, _Failed):
+        if isinstance(item, Failed):
             self._finished = True
             raise item.exc
         return item
@@ -181,54 +180,11 @@ class _Cancelled:
     pass
 
 
-class _Worker:
-    """A single thread that runs jobs in submission order.
-
-    It also loads the model (`RelayEngine.load`): libgomp throttles its threads' spin-waiting once more
-    threads than cores are in OpenMP teams, and every thread that runs a parallel torch op keeps a team, so
-    a model loaded on the caller's thread and run on this one decoded ~30 % slower (measured, 2 cores).
-    """
-
-    def __init__(self):
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="relay-llm-worker", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, out, cancel = job
-            try:
-                if not cancel.is_set():
-                    fn(out.put, cancel)
-                out.put(_Done())
-            except BaseException as exc:  # handed to the caller's thread
-                out.put(_Failed(exc))
-
-    def submit(self, fn: Callable) -> tuple[queue.Queue, threading.Event]:
-        out: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-        self._jobs.put((fn, out, cancel))
-        return out, cancel
-
-    def call(self, fn: Callable):
-        """Run `fn()` on the worker thread and return its result (or raise its exception)."""
-        out, cancel = self.submit(lambda emit, c: emit(fn()))
-        (result,) = list(ChunkStream(out, cancel))
-        return result
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=60)
-
-
 class RelayEngine:
     """A local causal LM that keeps and reuses the K/V of text it generated."""
 
     def __init__(self, model, tokenizer, fingerprint: loading.Fingerprint, config: EngineConfig | None = None,
-                 kernels: KernelInfo | None = None, worker: _Worker | None = None):
+                 kernels: KernelInfo | None = None, worker: Scheduler | None = None):
         self.model = model
         self.kernels = kernels or KernelInfo("plain", fingerprint.dtype, "model handed in, not loaded by relay-llm")
         self.tokenizer = tokenizer
@@ -246,13 +202,13 @@ class RelayEngine:
         vocab = tokenizer.get_vocab()
         self._boundary_ids = set(tokenizer.all_special_ids) | self.eos_ids | {
             vocab[t] for t in TURN_MARKERS if t in vocab}
-        # kv buffers of a prefill -> (plan, hidden states captured at capture_layer) for `_remember`.
-        self._prompt_notes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._tok_lock = threading.Lock()
         self.set_profile(find_profile(fingerprint))
         if self.store.files is not None:
             self.store.load_persisted(self.store_fingerprint)
-        self._worker = worker or _Worker()
+        self._worker = worker or Scheduler()
+        cfg = self.config
+        self._worker.configure(self, cfg.max_batch, cfg.max_queue, cfg.kv_budget_bytes, cfg.prefill_chunk_tokens)
 
     def set_profile(self, profile: Profile | None) -> None:
         """Use `profile` (or none) for the relay band, the default schedule and the capture layer."""
@@ -290,7 +246,7 @@ class RelayEngine:
 
         dtype and kernels: see `loading.load` ("auto" is lossless; "fast" is this machine's fastest precision).
         """
-        worker = _Worker()  # loads on the thread that will run the model (see `_Worker`)
+        worker = Scheduler()  # loads on the thread that will run the model (see `scheduler`)
         try:
             hf_model, tokenizer, fp, info = worker.call(
                 lambda: loading.load(model, dtype=dtype, device=device, kernels=kernels))
@@ -307,7 +263,11 @@ class RelayEngine:
                 "kernels": self.kernels.path, "kernels_note": self.kernels.reason, "lean_layers": ex.lean is not None,
                 "device": str(ex.device),
                 "cpu_features": list(self.kernels.cpu), "threads": torch.get_num_threads(),
-                "default_schedule": self.default_schedule}
+                "default_schedule": self.default_schedule, "max_batch": self.config.max_batch}
+
+    def load_stats(self) -> dict:
+        """The scheduler's load now: waiting and running sequences, the last decode step's batch size."""
+        return self._worker.load()
 
     @property
     def model_name(self) -> str:
@@ -396,7 +356,10 @@ class RelayEngine:
         spec = plan.grammar_spec()
         if spec is not None and options.grammar is None:
             options.grammar = structured.grammar_cache(self).get(spec)
-        out, cancel = self._worker.submit(lambda emit, c: self._generate(ids, options, schedule, emit, c))
+        out: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        seq = Sequence(ids, options, schedule, out.put, cancel, self._decode, self.eos_ids, Chunk)
+        self._worker.add(seq, seq.capacity * self.executor.kv_bytes_per_token())
         if not plan.calls_tools:
             return ChunkStream(out, cancel)
         seed = hashlib.sha256(repr((ids, options.seed)).encode()).hexdigest()
@@ -437,61 +400,10 @@ class RelayEngine:
 
     def _prefill(self, ids: list[int], capacity: int, schedule: Schedule, stats: RequestStats,
                  touch: bool = True) -> tuple[torch.Tensor, KVBuffers, PrefillPlan]:
-        """Plan reuse for `ids`, splice what the schedule reuses, run the prefill.
-
-        touch: count the reused spans and prefix as hits (False for measurements such as `teacher_force`).
-        Returns (last-token logits [vocab], buffers holding slots [0, len(ids)), plan).
-        """
-        ex = self.executor
-        n = len(ids)
-        kv = ex.new_buffers(capacity)
-        plan = PrefillPlan(n_tokens=n, num_layers=ex.num_layers)
-        fp = self.store_fingerprint  # only K/V made by this model, dtype and profile are ever spliced
-        # The last prompt token is always computed: we need its logits.
-        hit, pk, pv = self.prefix_cache.lookup(ids, fp, limit=n - 1, touch=touch)
-        plan.prefix_hit = hit
-        if schedule.splice_prefix and plan.prefix_hit:
-            kv.write(0, pk, pv)
-        found = []
-        if all(spec.composable for spec in ex.rope):
-            found = self.store.find(ids, plan.prefix_hit, n - 1, fingerprint=fp, touch=False)
-        elif len(self.store):
-            stats.fallback = f"RoPE type {ex.rope[0].rope_type!r} cannot be rotated; spans recomputed"
-        plan.spans = [m for m in found if schedule.keep_span(m)]
-        if touch:
-            self.store.touch(plan.spans)
-        notes = [f"{len(found) - len(plan.spans)} span(s) too short to reuse: computed"] if len(found) > len(
-            plan.spans) else []
-        plan.span_hidden = [self._span_hidden(m) for m in plan.spans]
-        if schedule.splice_spans:
-            for m in plan.spans:
-                seg = m.segment
-                keys = seg.keys[:, :, m.offset : m.offset + m.length]
-                delta = m.start - (seg.start_pos + m.offset)
-                if delta:
-                    keys = rotate_layers(keys, delta, ex.rope)
-                kv.write(m.start, keys, seg.values[:, :, m.offset : m.offset + m.length])
-        ids_t = torch.tensor(ids, dtype=torch.long, device=ex.device)
-        layer_plan = schedule.layer_plan(plan, ex)
-        capture = self.capture_layer if self.config.store_prompt else None
-        res = ex.run(ids_t, 0, kv, layer_plan, capture_layer=capture)
-        self._prompt_notes[kv] = (plan, res.captured)
-        notes += getattr(layer_plan, "notes", [])
-        if notes:
-            stats.fallback = "; ".join(([stats.fallback] if stats.fallback else []) + notes)
-        reusable = plan.reusable_mask().to(ex.device)
-        layers = res.token_layers[reusable]
-        stats.prompt_tokens = n
-        stats.prefix_hit_tokens = plan.prefix_hit
-        stats.spans = len(plan.spans)
-        stats.span_tokens = sum(m.length for m in plan.spans)
-        for m in plan.spans:
-            stats.span_kinds[m.segment.kind] = stats.span_kinds.get(m.segment.kind, 0) + m.length
-        stats.reusable_cells = int(layers.numel()) * ex.num_layers
-        stats.recomputed_cells = int(layers.sum())
-        stats.reused_tokens = int((layers < ex.num_layers).sum())
-        stats.reuse_rate = 1 - stats.recomputed_cells / stats.reusable_cells if stats.reusable_cells else 0.0
-        return res.logits[0], kv, plan
+        """The whole prefill of `ids` at once (see `prefill.Prefill`): (last-token logits [vocab], buffers
+        holding slots [0, len(ids)), plan)."""
+        p = Prefill(self, ids, capacity, schedule, stats, touch=touch).run(self.config.prefill_chunk_tokens)
+        return p.logits, p.kv, p.plan
 
     def _span_hidden(self, m) -> tuple[int, torch.Tensor] | None:
         seg = m.segment if m.segment is not None else self.store.get(m.segment_id)
@@ -512,79 +424,19 @@ class RelayEngine:
         digest = hashlib.sha256(self.fingerprint.key().encode()).hexdigest()[:16]
         return os.path.join(self.config.persist_dir, f"{self.fingerprint.architecture}-{digest}")
 
-    def _generate(self, ids: list[int], opts: GenerationOptions, schedule: Schedule,
-                  emit: Callable, cancel: threading.Event) -> None:
-        ex = self.executor
-        t0 = time.perf_counter()
-        stats = RequestStats(schedule=schedule.name)
-        n = len(ids)
-        logits, kv, plan = self._prefill(ids, n + opts.max_new_tokens, schedule, stats)
-        stats.prefill_s = time.perf_counter() - t0
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
-        generated: list[int] = []
-        kept: int | None = None  # with a stop string: how many generated ids the returned text holds
-        hidden: list[torch.Tensor] = []
-        emitted = 0
-        hold = max((len(s) for s in opts.stop), default=1) - 1
-        finish = "length"
-        constraint = opts.grammar.matcher() if opts.grammar is not None else None
-        penalties = Penalties(opts, ids, logits.numel(), logits.device) if Penalties.active(opts) else None
-        recorder = LogprobRecorder(opts.logprobs) if opts.logprobs is not None else None
-        while True:
-            if recorder is not None:
-                recorder.observe(logits)  # before penalties and the mask change the logits in place
-            if penalties is not None:
-                penalties.apply(logits)
-            if constraint is not None:
-                constraint.mask(logits)  # tokens the grammar forbids next -> -inf
-            tok = sample(logits, opts, gen)
-            if recorder is not None:
-                recorder.record(tok)
-            if penalties is not None:
-                penalties.update(tok)
-            if not generated:
-                stats.ttft_s = time.perf_counter() - t0
-            generated.append(tok)
-            if constraint is not None and not constraint.accept(tok):
-                raise RuntimeError(f"the grammar rejected token {tok} although it was sampled under its mask")
-            if tok in self.eos_ids or (constraint is not None and constraint.terminated):
-                finish = "stop"
-                break
-            text = self._decode(generated)
-            cut = min((i for i in (text.find(s) for s in opts.stop if s) if i >= 0), default=-1)
-            if cut >= 0:
-                emit(Chunk(text[emitted:cut]))
-                finish = "stop"
-                kept = self._ids_before(generated, cut)
-                break
-            safe = len(text) - hold
-            while safe > emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                safe -= 1
-            if safe > emitted:
-                emit(Chunk(text[emitted:safe]))
-                emitted = safe
-            if len(generated) == opts.max_new_tokens:
-                emit(Chunk(text[emitted:]))
-                break
-            if cancel.is_set():
-                return  # the consumer went away: store nothing
-            step = ex.run(torch.tensor([tok], device=ex.device), n + len(generated) - 1, kv,
-                          capture_layer=self.capture_layer)
-            hidden.append(step.captured)
-            logits = step.logits[0]
-        # Feed the last token once more, layers only, so every generated token has its K/V.
-        last = ex.run(torch.tensor([generated[-1]], device=ex.device), n + len(generated) - 1, kv,
-                      logit_rows=torch.empty(0, dtype=torch.long), capture_layer=self.capture_layer)
-        hidden.append(last.captured)
-        stats.completion_tokens = len(generated)
-        stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
-        if cancel.is_set():
-            return
-        body = generated[:kept] if kept is not None else generated
-        self._remember(ids, body, kv, torch.cat(hidden), plan if schedule.splice_spans else None)
-        logprobs = recorder.entries(len(body), self._token_texts) if recorder is not None else None
-        emit(Chunk("", finish_reason=finish, stats=stats, token_ids=body, logprobs=logprobs))
+    # The scheduler's runner (relay_llm.scheduler.Runner): these run on the model thread.
+
+    def begin(self, seq: Sequence) -> None:
+        seq.admitted()
+        seq.prefill = Prefill(self, seq.ids, seq.capacity, seq.schedule, seq.stats)
+        seq.kv = seq.prefill.kv
+
+    def finish(self, seq: Sequence) -> None:
+        stats = seq.close_stats()
+        body = seq.body()
+        self._remember(seq.ids, body, seq.prefill, torch.cat(seq.hidden), seq.schedule.splice_spans)
+        logprobs = seq.recorder.entries(len(body), self._token_texts) if seq.recorder is not None else None
+        seq.emit(Chunk("", finish_reason=seq.finish, stats=stats, token_ids=body, logprobs=logprobs))
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         """The decoded text of each id on its own (special tokens: "", as in the returned text)."""
@@ -592,32 +444,25 @@ class RelayEngine:
             return self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True,
                                                clean_up_tokenization_spaces=False)
 
-    def _ids_before(self, generated: list[int], cut: int) -> int:
-        """How many leading ids of `generated` decode to at most `cut` characters: the tokens of the text
-        before a stop string (a token that holds the stop string's first characters is not counted)."""
-        j = len(generated)
-        while j and len(self._decode(generated[:j])) > cut:
-            j -= 1
-        return j
-
-    def _remember(self, ids: list[int], generated: list[int], kv: KVBuffers, hidden: torch.Tensor,
-                  plan: PrefillPlan | None) -> None:
+    def _remember(self, ids: list[int], generated: list[int], prefill: Prefill, hidden: torch.Tensor,
+                  spliced: bool) -> None:
         """Store the prompt's new chunks and the output as Segments, and the exact part of the sequence in
         the prefix cache.
 
-        plan: the prefill's plan if stored spans were spliced into it (their K/V are approximate).
+        hidden: [len(generated), hidden] capture-layer input of each generated token. spliced: whether the
+        prefill spliced its stored spans (their K/V are approximate).
         """
         n = len(ids)
         fp = self.store_fingerprint
-        note = self._prompt_notes.pop(kv, None)
-        if note is not None and self.config.store_prompt:
-            self._remember_prompt(ids, kv, *note)
+        kv, plan = prefill.kv, prefill.plan
+        if self.config.store_prompt:
+            self._remember_prompt(ids, kv, plan, prefill.captured)
         body = generated[:-1] if generated and generated[-1] in self.eos_ids else generated
         if body:
             keys, values = kv.slice(n, n + len(body))
             self.store.add(self._segment(body, keys, values, n, hidden[: len(body)], "decode"))
         # K/V are exact (equal to a full prefill) only up to the first spliced span.
-        exact = plan.spans[0].start if plan and plan.spans else n + len(generated)
+        exact = plan.spans[0].start if spliced and plan.spans else n + len(generated)
         self.prefix_cache.add((ids + generated)[:exact], kv.keys[:, :, :exact], kv.values[:, :, :exact], fp)
 
     def _remember_prompt(self, ids: list[int], kv: KVBuffers, plan: PrefillPlan,

@@ -268,6 +268,52 @@ class Executor:
         return hidden, captured, token_layers
 
     @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, kvs: list[KVBuffers], logit_rows: torch.Tensor | None = None,
+             capture_layer: int | None = None) -> RunResult:
+        """One decode step of B sequences: token b ([B]) goes to slot kvs[b].length of its own buffers.
+
+        The rows share every linear and the LM head (weights read once for the batch); attention runs per
+        sequence over its own slots, at its own position and under each layer's sliding window. One row
+        takes `run`'s path, so a sequence alone computes exactly what `run` does. Without lean layers the
+        rows run one by one. logit_rows: rows whose logits to return (default: all). Returns logits
+        [len(logit_rows), vocab] fp32 and captured [B, hidden].
+        """
+        b = tokens.shape[0]
+        rows = logit_rows if logit_rows is not None else torch.arange(b)
+        positions = [kv.length for kv in kvs]
+        for kv, p in zip(kvs, positions, strict=True):
+            if p + 1 > kv.capacity:
+                raise ValueError(f"sequence of {p + 1} tokens exceeds the buffer capacity {kv.capacity}")
+        if b == 1 or self.lean is None:
+            want = set(rows.tolist())
+            results = [self.run(tokens[i : i + 1], positions[i], kv, capture_layer=capture_layer,
+                                logit_rows=torch.zeros(int(i in want), dtype=torch.long)) for i, kv in enumerate(kvs)]
+            logits = [r.logits for r in results if r.logits is not None]
+            captured = [r.captured for r in results]
+            return RunResult(logits=torch.cat(logits) if logits else None,
+                             captured=torch.cat(captured) if capture_layer is not None else None,
+                             token_layers=torch.full((b,), self.num_layers, dtype=torch.long))
+        pos = torch.tensor(positions, device=self.device)
+        hidden = self.base.embed_tokens(tokens[None].to(self.device))
+        rope_cache = {}
+        for layer_type in set(self.layer_types):
+            args = (hidden, pos[None]) + ((layer_type,) if self._per_type_rope else ())
+            rope_cache[layer_type] = self.base.rotary_emb(*args)
+        x, captured = hidden, None
+        for i, layer in enumerate(self.lean):
+            if capture_layer == i:
+                captured = x[0].clone()
+            w = self.windows[i]
+            caches = [_ScatterCache(kv, slice(p, p + 1), max(0, p + 1 - w) if w is not None else 0, p + 1)
+                      for kv, p in zip(kvs, positions, strict=True)]
+            x = layer.rows(x, rope_cache[self.layer_types[i]], caches)
+        for kv, p in zip(kvs, positions, strict=True):
+            kv.length = max(kv.length, p + 1)
+        logits = self.logits(x[0][rows]) if rows.numel() else None
+        return RunResult(logits=logits, captured=captured,
+                         token_layers=torch.full((b,), self.num_layers, dtype=torch.long))
+
+    @torch.inference_mode()
     def run(
         self,
         input_ids: torch.Tensor,

@@ -23,8 +23,9 @@ class RequestStats:
     reusable_cells: int = 0
     recomputed_cells: int = 0
     reuse_rate: float = 0.0
-    ttft_s: float = 0.0
-    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # from submission: includes queued_s
+    queued_s: float = 0.0  # waiting for the scheduler to admit it
+    prefill_s: float = 0.0  # from admission to the prefill's end (other sequences' decode steps included)
     decode_s: float = 0.0
     fallback: str | None = None
     span_kinds: dict[str, int] = field(default_factory=dict)

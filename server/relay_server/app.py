@@ -16,11 +16,12 @@ from starlette.types import Receive, Scope, Send
 
 from relay_llm import Chunk, RelayEngine, shared_engine
 from relay_llm.loading import DEFAULT_MODEL_DIRNAME
+from relay_llm.scheduler import QueueFull
 from relay_llm.stats import RequestStats
 
 from . import metrics as prom
 from .convert import chat_kwargs, completion_kwargs, engine_messages, engine_prompt
-from .errors import APIError, from_engine_error, install_handlers
+from .errors import APIError, from_engine_error, install_handlers, queue_full
 from .middleware import BearerAuth, BodyLimit, RequestMetrics
 from .responses import ChatShape, CompletionShape, Shape
 from .schemas import (
@@ -72,6 +73,8 @@ class ServerState:
             return engine.stream(ids, max_new_tokens=max_tokens, **kwargs)
         except (ValueError, TypeError) as exc:  # bad input; TypeError: e.g. a relay setting of the wrong type
             raise from_engine_error(exc) from None
+        except QueueFull as exc:
+            raise queue_full(exc) from None
 
 
 class EventStream(StreamingResponse):
@@ -130,7 +133,7 @@ def _errors(*statuses: int) -> dict:
     and keeps FastAPI from declaring a 422 that the app never sends: validation errors are 400s)."""
     described = {400: "invalid request (malformed body, bad value, prompt over the context)",
                  401: "missing or wrong API key (when the server has one)", 404: "unknown model or path",
-                 413: "request body too large"}
+                 413: "request body too large", 429: "the engine's queue is full: retry after `Retry-After` seconds"}
     out: dict = {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}
     out["4XX"] = {"model": ErrorResponse, "description": "another client error"}
     return out
@@ -142,7 +145,7 @@ def _generation(model: type) -> dict:
     sse = {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
                       "description": "one event: `data: {chunk}`; the last is `data: [DONE]`"}}
     return {200: {"model": model, "description": "the completion; an SSE stream when `stream` is true",
-                  "content": {"text/event-stream": sse}}, **_errors(400, 401, 404, 413)}
+                  "content": {"text/event-stream": sse}}, **_errors(400, 401, 404, 413, 429)}
 
 
 def _model_card(state: ServerState) -> dict:
@@ -208,7 +211,8 @@ def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str |
         200: {"description": "Prometheus text exposition format", "content": {prom.CONTENT_TYPE: {}}},
         **_errors(401)})
     async def metrics() -> PlainTextResponse:
-        text = state.metrics.render(state.engine.store.stats, state.engine.prefix_cache.bytes)
+        text = state.metrics.render(state.engine.store.stats, state.engine.prefix_cache.bytes,
+                                    state.engine.load_stats())
         return PlainTextResponse(text, media_type=prom.CONTENT_TYPE)
 
     known = frozenset(getattr(r, "path", "") for r in app.routes)

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from relay_llm.scheduler import QueueFull
+
 log = logging.getLogger("relay_server")
 
 # HTTP status -> OpenAI error type
@@ -31,9 +33,10 @@ class APIError(Exception):
     """An error to send to the client as an OpenAI error body."""
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.message = message
         self.code = code
         self.param = param
@@ -60,9 +63,16 @@ def unsupported(message: str, *, param: str | None = None) -> APIError:
     return APIError(400, message, code="unsupported_feature", param=param)
 
 
+def queue_full(exc: QueueFull) -> APIError:
+    """The engine's queue is full: OpenAI's 429, with Retry-After."""
+    return APIError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)})
+
+
 def from_engine_error(exc: Exception) -> APIError:
     """Map the engine's ValueError (bad input) to a 400."""
     text = str(exc)
+    if "KV budget" in text:
+        return APIError(400, text, code="context_length_exceeded", param="max_tokens")
     if "exceeds the model's context" in text:
         return APIError(400, text, code="context_length_exceeded", param="messages")
     if "grammar engine" in text or "response_format" in text or "tool" in text:  # structured output
@@ -79,7 +89,7 @@ def _loc(loc: tuple) -> str | None:
 
 
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -97,8 +97,9 @@ class Metrics:
             self.reusable_cells += stats.reusable_cells
             self.ttft.observe(stats.ttft_s)
 
-    def render(self, store_stats=None, prefix_bytes: int | None = None) -> str:
-        """The exposition text: this object's metrics, then the store's and prefix cache's where given."""
+    def render(self, store_stats=None, prefix_bytes: int | None = None, load: dict | None = None) -> str:
+        """The exposition text: this object's metrics, then the store's, the prefix cache's and the scheduler's
+        (`RelayEngine.load_stats()`) where given."""
         with self._lock:
             rows: list[_Row] = [
                 ("relay_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
@@ -135,5 +136,14 @@ class Metrics:
         if prefix_bytes is not None:
             read_now.append(("relay_prefix_cache_bytes", "gauge", "Bytes of K/V held in the exact-prefix cache.",
                              prefix_bytes))
+        if load is not None:
+            read_now += [
+                ("relay_queue_depth", "gauge", "Generations waiting to be admitted to the batch.", load["waiting"]),
+                ("relay_running_sequences", "gauge", "Generations admitted (prefilling or decoding).", load["running"]),
+                ("relay_batch_size", "gauge", "Sequences in the last decode step.", load["batch_size"]),
+                ("relay_decode_steps_total", "counter", "Batched decode steps run.", load["decode_steps"]),
+                ("relay_kv_reserved_bytes", "gauge", "Bytes of K/V buffers held by admitted generations.",
+                 load["kv_reserved_bytes"]),
+            ]
         return "\n".join([*lines, *_render(read_now)]) + "\n"
 

@@ -22,6 +22,7 @@ from typing_extensions import TypedDict
 
 from relay_llm import Chunk, RequestStats, Result
 
+from ..held import record_batch_sizes, run_once_queued
 from ._models import tiny_model_dir
 
 
@@ -600,3 +601,15 @@ def test_langgraph_react_agent_tool_round_trip_on_the_tiny_model(tiny_dir):
     assert isinstance(answer, AIMessage) and not answer.tool_calls and answer.content
     assert len(starts.calls) == 2 and starts.calls[1][-1].content == result.content  # the result went back in
     assert answer.usage_metadata["input_token_details"]["cache_read"] > 0  # the call's K/V was reused
+
+
+async def test_abatch_calls_share_the_engines_decode_steps(tiny_llm, monkeypatch):
+    """abatch / ainvoke run concurrently: the engine decodes the three calls in one batch, and each gets the
+    text it gets alone."""
+    engine = tiny_llm._engine()
+    prompts = [f"Agent {i} writes the plan." for i in range(3)]
+    alone = [tiny_llm.invoke(p, schedule="full").content for p in prompts]
+    sizes = record_batch_sizes(engine, monkeypatch)
+    (got,) = await run_once_queued(engine, [tiny_llm.abatch(prompts, schedule="full")], queued=3)
+    assert max(sizes) == 3
+    assert [m.content for m in got] == alone

@@ -16,6 +16,7 @@ from llama_index.llms.relay import RelayLLM, to_engine_messages
 
 from relay_llm.engine import GenerationOptions
 
+from ..held import record_batch_sizes, run_once_queued
 from ._fakes import text_reply, tool_reply
 
 HI = [ChatMessage(role="user", content="Hello there")]
@@ -388,3 +389,16 @@ def test_required_tool_calls_are_valid_on_the_tiny_model(tiny_dir, streaming):
     (call,) = llm.get_tool_calls_from_response(response)  # random weights, but the grammar forces a valid call
     assert call.tool_name == "set_light" and set(call.tool_kwargs) == {"on"}
     assert isinstance(call.tool_kwargs["on"], bool) and response.raw["finish_reason"] == "tool_calls"
+
+
+async def test_gathered_async_calls_share_the_engines_decode_steps(tiny_llm, monkeypatch):
+    """acomplete / achat under asyncio.gather run concurrently: one decode batch, each its own text."""
+    engine = tiny_llm.engine
+    prompts = [f"Step {i} of the workflow." for i in range(3)]
+    alone = [tiny_llm.complete(p, schedule="full").text for p in prompts]
+    sizes = record_batch_sizes(engine, monkeypatch)
+    calls = [tiny_llm.acomplete(prompts[0], schedule="full"), tiny_llm.acomplete(prompts[1], schedule="full"),
+             tiny_llm.achat([ChatMessage(role="user", content=prompts[2])], schedule="full")]
+    a, b, c = await run_once_queued(engine, calls, queued=3)
+    assert max(sizes) == 3
+    assert [a.text, b.text] == alone[:2] and c.message.content

@@ -36,24 +36,18 @@ def wait_for(predicate, what: str, limit_s: float = 60.0) -> None:
 
 @pytest.fixture
 def traced(server_engine, monkeypatch) -> list[dict]:
-    """Records, for every generation the engine's worker runs: max tokens, decode steps run, cancelled."""
+    """Records every generation as it leaves the engine's scheduler: max tokens, tokens generated, cancelled."""
     log: list[dict] = []
-    steps = [0]
-    orig_run, orig_generate = server_engine.executor.run, server_engine._generate
+    scheduler = server_engine._worker
+    leave = scheduler._leave
 
-    def run(*args, **kwargs):
-        steps[0] += 1
-        return orig_run(*args, **kwargs)
+    def record(seq):
+        if seq.state.value != "done":
+            log.append({"max": seq.options.max_new_tokens, "steps": len(seq.generated),
+                        "cancelled": seq.cancel.is_set()})
+        return leave(seq)
 
-    def generate(ids, opts, schedule, emit, cancel):
-        before = steps[0]
-        try:
-            return orig_generate(ids, opts, schedule, emit, cancel)
-        finally:
-            log.append({"max": opts.max_new_tokens, "steps": steps[0] - before, "cancelled": cancel.is_set()})
-
-    monkeypatch.setattr(server_engine.executor, "run", run)
-    monkeypatch.setattr(server_engine, "_generate", generate)
+    monkeypatch.setattr(scheduler, "_leave", record)
     return log
 
 
@@ -292,8 +286,8 @@ def test_metrics_exposition(client, http):
     assert "# TYPE relay_ttft_seconds histogram" in text
 
 
-def test_requests_queue_while_one_streams(client, traced):
-    """A non-streaming request sent while a stream runs waits on the worker and then completes."""
+def test_a_request_sent_while_one_streams_runs_beside_it(client, traced):
+    """A non-streaming request sent while a stream runs is batched with it; both complete."""
     stream = client.chat.completions.create(model=MODEL, messages=msgs("First in line."), max_tokens=20,
                                             temperature=0, stream=True, extra_body=FULL)
     out: dict = {}
@@ -303,7 +297,7 @@ def test_requests_queue_while_one_streams(client, traced):
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     worker.join(timeout=120)
     assert text and out["res"].usage.completion_tokens == 4
-    assert [t["max"] for t in traced] == [20, 4] and not any(t["cancelled"] for t in traced)
+    assert sorted(t["max"] for t in traced) == [4, 20] and not any(t["cancelled"] for t in traced)
 
 
 def test_relay_extension_passes_schedule_and_settings(client, http):
@@ -334,3 +328,35 @@ def test_client_disconnect_cancels_a_non_streaming_request(server, http, traced)
     wait_for(lambda: traced, "the worker to finish the cancelled generation")
     assert traced[0]["cancelled"] and traced[0]["steps"] < 1500
     wait_for(lambda: http.get("/health").json()["generations_in_flight"] == 0, "the server to count it as ended")
+
+
+def test_a_full_queue_answers_429_with_retry_after(client, http, server_engine, monkeypatch):
+    scheduler = server_engine._worker
+    monkeypatch.setattr(scheduler, "max_queue", 1)
+    gate = threading.Event()
+    scheduler.submit(lambda emit, cancel: gate.wait(60))  # hold the model thread: requests stay queued
+    out: dict = {}
+    first = threading.Thread(target=lambda: out.update(res=client.chat.completions.create(
+        model=MODEL, messages=msgs("Queued first."), max_tokens=2, temperature=0)))
+    try:
+        first.start()
+        wait_for(lambda: server_engine.load_stats()["waiting"] == 1, "the first request to be queued")
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs("No room."), "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error" and "max_queue=1" in r.json()["error"]["message"]
+        assert "relay_queue_depth 1" in http.get("/metrics").text
+    finally:
+        gate.set()
+        first.join(timeout=120)
+    assert out["res"].usage.completion_tokens == 2
+    text = http.get("/metrics").text
+    assert "relay_queue_depth 0" in text and "# TYPE relay_batch_size gauge" in text
+
+
+def test_a_request_that_can_never_fit_the_kv_budget_is_a_400(client, http, server_engine, monkeypatch):
+    monkeypatch.setattr(server_engine._worker, "kv_budget_bytes", server_engine.executor.kv_bytes_per_token() * 100)
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs("Too big."), "max_tokens": 500})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "KV budget" in r.json()["error"]["message"]
+    ok = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs("Fits."), "max_tokens": 3})
+    assert ok.status_code == 200

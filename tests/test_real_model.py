@@ -70,3 +70,30 @@ def test_relay_is_far_more_faithful_than_naive_after_a_long_different_prefix(def
     # same seed, with torch's plain kernels too): relay must still reuse close to half the span's cells.
     assert stats.span_tokens >= 30 and stats.reuse_rate > 0.45
     assert k_relay < k_naive / 3, (k_relay, k_naive)
+
+
+def test_batched_decode_equals_single_sequences_on_the_default_model(default_engine):
+    """Executor.step on three sequences at different positions (past the 512-token sliding window too)
+    equals one single-sequence run each; greedy requests decoded together equal each run alone."""
+    e = default_engine
+    ex = e.executor
+    base = e.encode("Agents pass their outputs to each other, and the cache keeps what they wrote. " * 40)
+    prompts = [base[:30], base[:200], base[:560]]
+    tokens = torch.tensor([e.encode(w)[-1] for w in (" cache", " agent", " text")])
+
+    def filled():
+        kvs = [ex.new_buffers(len(p) + 1) for p in prompts]
+        for p, kv in zip(prompts, kvs, strict=True):
+            ex.run(torch.tensor(p), 0, kv)
+        return kvs
+
+    batch = ex.step(tokens, filled())
+    for i, kv in enumerate(filled()):
+        alone = ex.run(tokens[i : i + 1], len(prompts[i]), kv).logits[0]
+        assert (batch.logits[i] - alone).abs().max().item() < 1e-3
+        assert batch.logits[i].argmax() == alone.argmax()
+    e.store.clear()
+    e.prefix_cache.clear()
+    alone = [e.complete(p, max_new_tokens=8, schedule="full").token_ids for p in prompts]
+    streams = [e.stream(p, max_new_tokens=8, schedule="full") for p in prompts]
+    assert [e._collect(s).token_ids for s in streams] == alone

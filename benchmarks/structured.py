@@ -10,9 +10,17 @@ Reports
   constrained run's length; repeats interleaved, medians reported. On a shared machine these swing with
   the load; the per-token mask times above are the direct measure.
 
+`--validity` measures what comes back instead, on schemas with free strings (no maxLength / maxItems):
+20 seeds x 3 schemas (nested object, array of strings, enums + a free string) sampled at temperature
+0.7 with `--max-new-tokens` 96: the rate of valid JSON (parses and validates against the schema); and
+20 prompts with `tool_choice="required"`: the rate of replies with a call, and of complete calls (finish
+"tool_calls", arguments valid against the tool's parameters). The requests of each group run at once
+(the engine batches them).
+
 Usage (from the repository root):
 
     PYTHONPATH=. RELAY_LLM_CACHE=/tmp/relaycache python benchmarks/structured.py [--repeats 2] [--json out.json]
+    PYTHONPATH=. python benchmarks/structured.py --validity --max-new-tokens 96 [--json out.json]
 """
 
 from __future__ import annotations
@@ -70,6 +78,74 @@ RUNS = {  # name -> (messages, structured kwargs)
 }
 
 
+FREE_SCHEMAS = {  # strings the model must end by itself
+    "nested object": ({"type": "object", "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer"},
+        "address": {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"},
+                                                     "country": {"type": "string"}},
+                    "required": ["street", "city", "country"]}},
+        "required": ["name", "age", "address"]}, "Make up a customer of a bookshop and give their details."),
+    "array of strings": ({"type": "object", "properties": {"serial_numbers": {"type": "array",
+                                                                              "items": {"type": "string"}}},
+                          "required": ["serial_numbers"]}, "List the serial numbers of the devices in the lab."),
+    "enums": ({"type": "object", "properties": {
+        "verdict": {"enum": ["approve", "request_changes", "reject"]},
+        "severity": {"type": "string", "enum": ["low", "medium", "high"]}, "reason": {"type": "string"}},
+        "required": ["verdict", "severity", "reason"]}, "Review this change: it renames a variable in a parser."),
+}
+CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Perth", "Seoul", "Rome"]
+ZONES = ["Europe/Berlin", "Asia/Tokyo", "America/New_York", "Africa/Lagos", "Australia/Sydney",
+         "Europe/Madrid", "Asia/Kolkata", "America/Chicago", "Pacific/Auckland", "Europe/London"]
+
+
+def validity(engine: RelayEngine, seeds: int, max_new_tokens: int, temperature: float) -> dict:
+    """Valid-JSON rates per schema, and call / complete-call rates under tool_choice="required"."""
+    import jsonschema
+
+    out: dict = {"settings": {"seeds": seeds, "max_new_tokens": max_new_tokens, "temperature": temperature}}
+    for name, (schema, ask) in FREE_SCHEMAS.items():
+        msgs = [{"role": "user", "content": ask}]
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        streams = [engine.stream(msgs, max_new_tokens=max_new_tokens, temperature=temperature, seed=s,
+                                 response_format=fmt) for s in range(seeds)]
+        rows = []
+        for st in streams:
+            res = engine._collect(st)
+            try:
+                jsonschema.validate(json.loads(res.text), schema)
+                ok = True
+            except (ValueError, jsonschema.ValidationError):
+                ok = False
+            rows.append({"valid": ok, "finish": res.finish_reason, "tokens": res.stats.completion_tokens,
+                         "text": res.text})
+        out[name] = {"valid_rate": sum(r["valid"] for r in rows) / len(rows),
+                     "mean_tokens": statistics.mean(r["tokens"] for r in rows), "rows": rows}
+        print(f"# {name}: {out[name]['valid_rate']:.0%} valid", flush=True)
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    asks = [f"What is the weather in {c}?" for c in CITIES] + [f"What time is it in {z}?" for z in ZONES]
+    streams = [engine.stream([{"role": "user", "content": a}], max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=i, tools=TOOLS, tool_choice="required")
+               for i, a in enumerate(asks[:seeds])]
+    rows = []
+    for st in streams:
+        res = engine._collect(st)
+        complete = False
+        if res.tool_calls and res.finish_reason == "tool_calls":
+            fn = res.tool_calls[0]["function"]
+            try:
+                jsonschema.validate(json.loads(fn["arguments"]), params[fn["name"]])
+                complete = True
+            except (ValueError, jsonschema.ValidationError):
+                pass
+        rows.append({"call": bool(res.tool_calls), "complete": complete, "finish": res.finish_reason,
+                     "tokens": res.stats.completion_tokens, "text": res.text, "tool_calls": res.tool_calls})
+    out["tools required"] = {"call_rate": sum(r["call"] for r in rows) / len(rows),
+                             "complete_rate": sum(r["complete"] for r in rows) / len(rows), "rows": rows}
+    print(f"# tools required: {out['tools required']['call_rate']:.0%} calls, "
+          f"{out['tools required']['complete_rate']:.0%} complete", flush=True)
+    return out
+
+
 class MaskTimer:
     """Wraps Constraint.mask / accept and times them, split into fill / apply / accept (seconds, per step)."""
 
@@ -118,11 +194,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--validity", action="store_true", help="measure valid-JSON and complete-call rates instead")
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--temperature", type=float, default=0.7)
     args = ap.parse_args()
     engine = RelayEngine.load("default", dtype=args.dtype)
     out: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                              "platform": platform.platform(), "load_avg_start": os.getloadavg()},
                  "dtype": args.dtype, "vocab": engine.executor.config.vocab_size}
+    if args.validity:
+        out["validity"] = validity(engine, args.seeds, args.max_new_tokens, args.temperature)
+        engine.close()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
 
     cache = structured.grammar_cache(engine)
     t0 = time.perf_counter()

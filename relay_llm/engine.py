@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import loading, structured
+from .closing import Closer
 from .executor import Executor, KVBuffers
 from .kernels import KernelInfo
 from .logprobs import MAX_TOP_LOGPROBS
@@ -99,6 +100,10 @@ class GenerationOptions:
     tool_choice: str | dict | None = None  # "auto" (default) | "none" | "required" | "any" | name | {"type": ...}
     parallel_tool_calls: bool = False  # allow several calls per reply (off by default: small models repeat calls)
     grammar: structured.Grammar | None = None  # set by `stream` from the fields above: masks each decode step
+    # Under a grammar (relay_llm.closing): budget_ending closes the open JSON (or tool call) when the tokens
+    # left are just enough for it; string_guard closes a JSON string whose end loops ("0000000000000").
+    budget_ending: bool = True
+    string_guard: bool = True
     # None = off; k in [0, 20]: each returned token's log-probability and its k likeliest alternatives, of the
     # model's raw distribution (log-softmax of the fp32 logits before penalties, grammar mask and temperature).
     logprobs: int | None = None
@@ -358,12 +363,23 @@ class RelayEngine:
             options.grammar = structured.grammar_cache(self).get(spec)
         out: queue.Queue = queue.Queue()
         cancel = threading.Event()
-        seq = Sequence(ids, options, schedule, out.put, cancel, self._decode, self.eos_ids, Chunk)
+        seq = Sequence(ids, options, schedule, out.put, cancel, self._decode, self.eos_ids, Chunk,
+                       closer=self._closer_for(options))
         self._worker.add(seq, seq.capacity * self.executor.kv_bytes_per_token())
         if not plan.calls_tools:
             return ChunkStream(out, cancel)
         seed = hashlib.sha256(repr((ids, options.seed)).encode()).hexdigest()
-        return structured.ToolCallStream(ChunkStream(out, cancel), seed)
+        return structured.ToolCallStream(ChunkStream(out, cancel), seed, plan.allowed)
+
+    def _closer_for(self, options: GenerationOptions):
+        """constraint -> Closer for a grammar-constrained request with either ending setting on (else None)."""
+        if options.grammar is None or not (options.budget_ending or options.string_guard):
+            return None
+        cache = structured.grammar_cache(self)
+        cands, texts = cache.closing_candidates, cache.token_texts
+        return lambda constraint: Closer(constraint, cands, texts.__getitem__,
+                                         lambda text: self.encode(text, special_tokens=False),
+                                         budget=options.budget_ending, string_guard=options.string_guard)
 
     def teacher_force(self, request: list[dict] | str | list[int], continuation_ids: list[int],
                       schedule: str | Schedule = "full", relay: dict | None = None) -> torch.Tensor:

@@ -39,7 +39,8 @@ class Sequence:
 
     def __init__(self, ids: list[int], options: GenerationOptions, schedule: Schedule, emit: Callable,
                  cancel: threading.Event, decode: Callable[[list[int]], str], eos_ids: set[int],
-                 chunk: type[Chunk]):
+                 chunk: type[Chunk], closer: Callable | None = None):
+        """closer: constraint -> `closing.Closer`, for grammar-constrained requests that end JSON in budget."""
         self.ids, self.options, self.schedule = ids, options, schedule
         self.emit, self.cancel, self._decode, self._eos, self._chunk = emit, cancel, decode, eos_ids, chunk
         self.state = State.WAITING
@@ -58,6 +59,8 @@ class Sequence:
         self._hold = max((len(s) for s in options.stop), default=1) - 1
         self._gen: torch.Generator | None = None
         self._constraint = None
+        self._make_closer = closer
+        self.closer = None
         self._penalties: Penalties | None = None
         self.recorder = LogprobRecorder(options.logprobs) if options.logprobs is not None else None
 
@@ -87,6 +90,8 @@ class Sequence:
         self._gen = torch.Generator(device="cpu")
         self._gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
         self._constraint = opts.grammar.matcher() if opts.grammar is not None else None
+        if self._constraint is not None and self._make_closer is not None:
+            self.closer = self._make_closer(self._constraint)
         if Penalties.active(opts):
             self._penalties = Penalties(opts, self.ids, logits.numel(), logits.device)
         self.accept(logits)
@@ -103,7 +108,8 @@ class Sequence:
             penalties.apply(logits)
         if constraint is not None:
             constraint.mask(logits)  # tokens the grammar forbids next -> -inf
-        tok = sample(logits, opts, self._gen)
+        forced = self.closer.choose(opts.max_new_tokens - len(self.generated), logits) if self.closer else None
+        tok = forced if forced is not None else sample(logits, opts, self._gen)
         if recorder is not None:
             recorder.record(tok)
         if penalties is not None:
@@ -114,6 +120,8 @@ class Sequence:
         self.state = State.CLOSING
         if constraint is not None and not constraint.accept(tok):
             raise RuntimeError(f"the grammar rejected token {tok} although it was sampled under its mask")
+        if self.closer is not None:
+            self.closer.observe(tok)
         if tok in self._eos or (constraint is not None and constraint.terminated):
             self.finish = "stop"
             return

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .closing import Candidates
+
 CALL_OPEN = "<tool_call>"
 CALL_HEAD = '<tool_call>\n{"name": "'  # + name
 ARGS_HEAD = '", "arguments": '  # + arguments JSON
@@ -43,6 +45,7 @@ CALL_SEPARATOR = "\n"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HEAD_RE = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
+_PARTIAL_HEAD_RE = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)(")?')  # a head cut off after the name began
 
 # JSON Schema keywords xgrammar accepts but does not enforce: a grammar built from them could emit JSON
 # that fails the schema, so they are refused (a truthy / non-empty value only).
@@ -254,6 +257,9 @@ class GrammarCache:
         self.compiles = 0
         self.hits = 0
         self._compiler = None
+        self._info = None
+        self._texts: list[str] | None = None
+        self._candidates: Candidates | None = None
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -263,10 +269,26 @@ class GrammarCache:
         if self._compiler is None:
             import xgrammar as xgr
 
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_ids)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=self.threads, cache_enabled=False)
+            self._info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                            stop_token_ids=self.stop_ids)
+            self._compiler = xgr.GrammarCompiler(self._info, max_threads=self.threads, cache_enabled=False)
         return self._compiler
+
+    @property
+    def token_texts(self) -> list[str]:
+        """Every token's own text (xgrammar's decoded vocabulary; bytes that are not UTF-8 on their own: U+FFFD)."""
+        if self._texts is None:
+            _ = self.compiler
+            texts = [b.decode("utf-8", errors="replace") for b in self._info.decoded_vocab]
+            self._texts = texts + [""] * (self.vocab_size - len(texts))
+        return self._texts
+
+    @property
+    def closing_candidates(self) -> Candidates:
+        """The tokens the budget-aware ending may choose (relay_llm.closing), found once per tokenizer."""
+        if self._candidates is None:
+            self._candidates = Candidates(self.token_texts)
+        return self._candidates
 
     @staticmethod
     def key(spec: dict) -> str:
@@ -371,6 +393,23 @@ class Constraint:
         return self._matcher.accept_token(token)
 
     @property
+    def bitmask(self) -> torch.Tensor:
+        """[1, ceil(vocab / 32)] int32: the tokens allowed at the last `mask` (bit i of word i // 32)."""
+        return self._bitmask
+
+    def new_bitmask(self) -> torch.Tensor:
+        return self._xgr.allocate_token_bitmask(1, self.vocab_size)
+
+    @property
+    def matcher(self):
+        """The xgrammar GrammarMatcher (read-only use: `find_jump_forward_string`)."""
+        return self._matcher
+
+    def fork(self):
+        """An independent copy of the matcher (xgrammar's), for looking ahead."""
+        return self._matcher.fork()
+
+    @property
     def terminated(self) -> bool:
         """A stop token was accepted: the output is complete."""
         return self._matcher.is_terminated()
@@ -461,6 +500,14 @@ def call_id(seed: str, index: int, name: str) -> str:
     return "call_" + hashlib.sha256(f"{seed}|{index}|{name}".encode()).hexdigest()[:24]
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _held(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker` (may still become it)."""
     for k in range(min(len(text), len(marker) - 1), 0, -1):
@@ -476,10 +523,12 @@ class ToolCallParser:
     feed(full text so far) -> (content delta, tool-call deltas); finish() -> (content delta, calls).
     Deltas: {"index", "id", "name", "arguments"}; id and name are set on a call's first delta only (None
     after), arguments deltas join to the call's final arguments. Content is the text outside call blocks
-    with surrounding whitespace removed.
+    with surrounding whitespace removed. names: the tools that may be called (to name a call cut off
+    inside its name).
     """
 
     seed: str = ""
+    names: tuple[str, ...] = ()
     calls: list[dict] = field(default_factory=list)
     _pos: int = 0  # parsed up to here
     _content: str = ""  # content text not yet emitted (held: trailing whitespace / a partial "<tool_call>")
@@ -544,21 +593,48 @@ class ToolCallParser:
         return body
 
     def finish(self, text: str) -> tuple[str, list[dict]]:
-        """Parse the rest of the final text; an unfinished call is dropped (the output hit a limit)."""
+        """Parse the rest of the final text. A call the output cut off (it hit a limit) is kept with the
+        arguments written so far, as OpenAI returns it; one cut inside its name is kept if the name is
+        known (a unique prefix of `names`)."""
         content, deltas = self.feed(text)
         if self._state == "text":
             content += self._take_content(text[self._pos:])
+            return content, deltas
+        index = len(self.calls)
+        if self._state == "head":
+            m = _PARTIAL_HEAD_RE.match(text, self._pos)
+            if m is None:
+                return content, deltas
+            known = [n for n in self.names if n == m.group(1) or (not m.group(2) and n.startswith(m.group(1)))]
+            if len(known) != 1 and not (m.group(2) and not self.names):
+                return content, deltas
+            self._name = known[0] if known else m.group(1)
+            self._args_start = self._args_sent = len(text)
+            deltas.append({"index": index, "id": call_id(self.seed, index, self._name), "name": self._name,
+                           "arguments": ""})
+        rest = text[self._args_start :]
+        sent = text[self._args_start : self._args_sent]
+        arguments = rest if _is_json(rest) or not _is_json(sent) else sent
+        if len(arguments) > len(sent):
+            if deltas and deltas[-1]["index"] == index:
+                deltas[-1]["arguments"] += arguments[len(sent):]
+            else:
+                deltas.append({"index": index, "id": None, "name": None, "arguments": arguments[len(sent):]})
+        self.calls.append({"id": call_id(self.seed, index, self._name), "type": "function",
+                           "function": {"name": self._name, "arguments": arguments}})
+        self._state = "text"
         return content, deltas
 
 
 class ToolCallStream(Iterator):
     """Wraps the engine's raw text chunks (a `ChunkStream`): yields content + tool-call deltas; the last
     chunk gets `tool_calls`, and finish_reason "tool_calls" when calls were made and the output ended
-    normally. `cancel()` / `close()` pass through (thread-safe)."""
+    normally ("length", with the cut call and its partial arguments, when the budget ended it).
+    `cancel()` / `close()` pass through (thread-safe)."""
 
-    def __init__(self, chunks: Iterator, seed: str):
+    def __init__(self, chunks: Iterator, seed: str, names: tuple[str, ...] = ()):
         self._chunks = chunks
-        self._parser = ToolCallParser(seed=seed)
+        self._parser = ToolCallParser(seed=seed, names=tuple(names))
         self._text = ""
 
     def __next__(self):

@@ -109,12 +109,27 @@ def test_parser_streams_content_and_call_deltas_that_join_to_the_calls():
     assert ToolCallParser(seed="s").calls == [] and parser.calls[0]["id"] != parser.calls[1]["id"]
 
 
-def test_parser_drops_an_unfinished_call_and_keeps_a_partial_tag_as_text():
+def test_parser_keeps_a_call_cut_off_by_the_budget_and_a_partial_tag_as_text():
+    """As OpenAI does on finish "length": the cut call comes back with the arguments written so far."""
     parser = ToolCallParser()
     assert parser.finish('<tool_call>\n{"name": "get_time", "arguments": {"timez') == ("", [
         {"index": 0, "id": structured.call_id("", 0, "get_time"), "name": "get_time", "arguments": '{"timez'}])
-    assert parser.calls == []
+    assert parser.calls == [{"id": structured.call_id("", 0, "get_time"), "type": "function",
+                             "function": {"name": "get_time", "arguments": '{"timez'}}]
     assert ToolCallParser().finish("a <tool_c")[0] == "a <tool_c"
+    # Arguments complete, the closing tag cut: the arguments' last brace is theirs, not the tag's.
+    done = ToolCallParser()
+    _, deltas = done.finish('<tool_call>\n{"name": "get_time", "arguments": {"timezone": "UTC"}')
+    assert done.calls[0]["function"]["arguments"] == '{"timezone": "UTC"}'
+    assert "".join(d["arguments"] for d in deltas) == '{"timezone": "UTC"}'
+    # Cut inside the name: kept when the prefix names one known tool, dropped when it is ambiguous.
+    names = ("get_time", "get_weather")
+    cut = ToolCallParser(names=names)
+    cut.finish('<tool_call>\n{"name": "get_ti')
+    assert cut.calls[0]["function"] == {"name": "get_time", "arguments": ""}
+    ambiguous = ToolCallParser(names=names)
+    ambiguous.finish('<tool_call>\n{"name": "get_')
+    assert ambiguous.calls == []
 
 
 def test_history_with_tool_calls_and_results_renders_as_text():

@@ -117,12 +117,21 @@ def to_engine_messages(messages: Sequence[BaseMessage]) -> list[dict]:
     return out
 
 
-def _parse_tool_calls(raw_calls: Sequence[dict]) -> tuple[list[ToolCall], list[InvalidToolCall]]:
-    """The engine's OpenAI-shaped calls -> (tool_calls, invalid_tool_calls); arguments must be a JSON object."""
+def _parse_tool_calls(raw_calls: Sequence[dict], cut: bool = False) -> tuple[list[ToolCall], list[InvalidToolCall]]:
+    """The engine's OpenAI-shaped calls -> (tool_calls, invalid_tool_calls); arguments must be a JSON object.
+
+    cut: the output hit the token budget (finish_reason "length"), so the last call may be cut off: it is
+    valid only if its arguments are a complete JSON object."""
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    for raw in raw_calls:
+    for i, raw in enumerate(raw_calls):
         try:
+            if cut and i == len(raw_calls) - 1:
+                try:
+                    json.loads(raw["function"]["arguments"])
+                except ValueError:
+                    raise ValueError(f"the call of {raw['function']['name']!r} was cut off by the token budget "
+                                     "(finish_reason 'length')") from None
             parsed = parse_tool_call(raw, return_id=True)
             if parsed is None or not isinstance(json.loads(raw["function"]["arguments"] or "{}"), dict):
                 raise ValueError(f"the arguments of {raw['function']['name']!r} are not a JSON object")
@@ -267,7 +276,7 @@ class ChatRelayLLM(BaseChatModel):
     def _message(self, model: str | None, text: str, finish_reason: str | None, tool_calls: Sequence[dict],
                  stats: RequestStats, logprobs: list[dict] | None) -> ChatResult:
         """A finished generation as a ChatResult: text, parsed tool calls, usage and metadata."""
-        calls, invalid = _parse_tool_calls(tool_calls)
+        calls, invalid = _parse_tool_calls(tool_calls, cut=finish_reason == "length")
         message = AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid,
                             **self._message_fields(model, finish_reason, stats, logprobs))
         generation = ChatGeneration(message=message, generation_info={"finish_reason": finish_reason})

@@ -613,3 +613,20 @@ async def test_abatch_calls_share_the_engines_decode_steps(tiny_llm, monkeypatch
     (got,) = await run_once_queued(engine, [tiny_llm.abatch(prompts, schedule="full")], queued=3)
     assert max(sizes) == 3
     assert [m.content for m in got] == alone
+
+
+def test_a_call_cut_by_max_tokens_is_an_invalid_tool_call(tiny_dir):
+    """finish_reason "length" with a cut call: LangChain gets it in invalid_tool_calls, not as a valid call
+    (the tiny model's call block alone is longer than 20 tokens)."""
+
+    @tool
+    def vote(pick: Literal["yes", "no"], ok: bool) -> str:
+        """Cast a vote."""
+        return pick
+
+    llm = ChatRelayLLM(model=tiny_dir, max_tokens=20, temperature=0).bind_tools([vote], tool_choice="vote")
+    msg = llm.invoke("Vote now.", schedule="full")
+    assert msg.response_metadata["finish_reason"] == "length"
+    assert msg.tool_calls == [] and len(msg.invalid_tool_calls) == 1
+    bad = msg.invalid_tool_calls[0]
+    assert bad["name"] == "vote" and "cut off by the token budget" in bad["error"]

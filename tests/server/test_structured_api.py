@@ -39,6 +39,19 @@ def test_required_tool_choice_calls_one_of_the_tools(client):
     assert calls[0].function.name in ("vote", "level")
 
 
+def test_a_call_cut_by_max_tokens_comes_back_with_finish_length(client):
+    """As OpenAI does: finish_reason "length" and the call with the arguments written so far, never an
+    empty reply (the tiny model's call block alone is longer than 20 tokens)."""
+    res = client.chat.completions.create(model=MODEL, messages=ASK, tools=[VOTE], tool_choice="required",
+                                         max_tokens=20, temperature=0, extra_body=FULL)
+    choice = res.choices[0]
+    assert choice.finish_reason == "length"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "vote" and call.id.startswith("call_")
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)
+
+
 def test_streamed_tool_call_deltas_join_to_the_whole_response(client):
     kwargs = dict(model=MODEL, messages=ASK, tools=[VOTE], tool_choice="required", max_tokens=120, temperature=0,
                   extra_body=FULL)

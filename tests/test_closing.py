@@ -9,10 +9,7 @@ import re
 import jsonschema
 import pytest
 
-from relay_llm import EngineConfig, RelayEngine
 from relay_llm.closing import Candidates, JsonDepth
-
-from .tiny import make_model
 
 NESTED = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer"},
@@ -55,12 +52,9 @@ def test_candidates_know_how_much_each_token_closes():
     assert by_text['""'] == (0, 0) and by_text["12"] == (0, 0) and by_text["{"] == (1, 0)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    engine = RelayEngine.load(str(make_model("llama", tmp_path_factory.mktemp("closing") / "llama")),
-                              config=EngineConfig(min_match_tokens=8))
-    yield engine
-    engine.close()
+@pytest.fixture
+def tiny(tiny_engines):
+    return tiny_engines["llama"]
 
 
 def _valid(text: str, schema: dict) -> bool:

@@ -49,6 +49,7 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "cacheblend": ("cacheblend", None),
     "epic": ("epic", None),
     "relay": ("relay", None),
+    "relay (dev floor 0.005)": ("relay", {"dev_floor": 0.005}),  # nothing selected below that deviation
     "relay (budget 0.1)": ("relay", {"recompute_budget": 0.1}),
     "relay (no edge repair)": ("relay", {"prefix": 0}),  # the selector without its first-tokens rule
 }
@@ -150,7 +151,7 @@ def report(results: list[dict], out: Path, cmd: str, elapsed: float) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
-    markers = dict(zip(SCHEDULES, "o^sDvPX", strict=True))
+    markers = dict(zip(SCHEDULES, "o^sDvPXh", strict=True))
     for label in SCHEDULES:
         if label == "full":
             continue

@@ -20,7 +20,8 @@ Reports
 Usage (from the repository root):
 
     PYTHONPATH=. RELAY_LLM_CACHE=/tmp/relaycache python benchmarks/structured.py [--repeats 2] [--json out.json]
-    PYTHONPATH=. python benchmarks/structured.py --validity --max-new-tokens 96 [--json out.json]
+    PYTHONPATH=. python benchmarks/structured.py --validity --max-new-tokens 96 [--no-budget-ending]
+        [--no-string-guard] [--json out.json]
 """
 
 from __future__ import annotations
@@ -98,16 +99,33 @@ ZONES = ["Europe/Berlin", "Asia/Tokyo", "America/New_York", "Africa/Lagos", "Aus
          "Europe/Madrid", "Asia/Kolkata", "America/Chicago", "Pacific/Auckland", "Europe/London"]
 
 
-def validity(engine: RelayEngine, seeds: int, max_new_tokens: int, temperature: float) -> dict:
-    """Valid-JSON rates per schema, and call / complete-call rates under tool_choice="required"."""
+def validity(engine: RelayEngine, seeds: int, max_new_tokens: int, temperature: float, **endings) -> dict:
+    """Valid-JSON rates per schema, and call / complete-call rates under tool_choice="required".
+
+    endings: budget_ending / string_guard (relay_llm.closing) for every request. Also times the grammar's
+    work per token (mask, accept, and the closing policy)."""
     import jsonschema
 
-    out: dict = {"settings": {"seeds": seeds, "max_new_tokens": max_new_tokens, "temperature": temperature}}
+    from relay_llm.closing import Closer
+
+    out: dict = {"settings": {"seeds": seeds, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                              **endings}}
+    timer, choose = MaskTimer(), Closer.choose
+    closer_s: list[float] = []
+
+    def timed_choose(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return choose(self, *a, **k)
+        finally:
+            closer_s.append(time.perf_counter() - t0)
+
+    Closer.choose = timed_choose
     for name, (schema, ask) in FREE_SCHEMAS.items():
         msgs = [{"role": "user", "content": ask}]
         fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
         streams = [engine.stream(msgs, max_new_tokens=max_new_tokens, temperature=temperature, seed=s,
-                                 response_format=fmt) for s in range(seeds)]
+                                 response_format=fmt, **endings) for s in range(seeds)]
         rows = []
         for st in streams:
             res = engine._collect(st)
@@ -117,14 +135,17 @@ def validity(engine: RelayEngine, seeds: int, max_new_tokens: int, temperature: 
             except (ValueError, jsonschema.ValidationError):
                 ok = False
             rows.append({"valid": ok, "finish": res.finish_reason, "tokens": res.stats.completion_tokens,
+                         "budget_ending": res.stats.budget_ending, "guarded_strings": res.stats.guarded_strings,
                          "text": res.text})
         out[name] = {"valid_rate": sum(r["valid"] for r in rows) / len(rows),
-                     "mean_tokens": statistics.mean(r["tokens"] for r in rows), "rows": rows}
+                     "mean_tokens": statistics.mean(r["tokens"] for r in rows),
+                     "budget_endings": sum(r["budget_ending"] for r in rows),
+                     "guarded_strings": sum(r["guarded_strings"] for r in rows), "rows": rows}
         print(f"# {name}: {out[name]['valid_rate']:.0%} valid", flush=True)
     params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     asks = [f"What is the weather in {c}?" for c in CITIES] + [f"What time is it in {z}?" for z in ZONES]
     streams = [engine.stream([{"role": "user", "content": a}], max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=i, tools=TOOLS, tool_choice="required")
+                             temperature=temperature, seed=i, tools=TOOLS, tool_choice="required", **endings)
                for i, a in enumerate(asks[:seeds])]
     rows = []
     for st in streams:
@@ -138,11 +159,27 @@ def validity(engine: RelayEngine, seeds: int, max_new_tokens: int, temperature: 
             except (ValueError, jsonschema.ValidationError):
                 pass
         rows.append({"call": bool(res.tool_calls), "complete": complete, "finish": res.finish_reason,
-                     "tokens": res.stats.completion_tokens, "text": res.text, "tool_calls": res.tool_calls})
+                     "tokens": res.stats.completion_tokens, "budget_ending": res.stats.budget_ending,
+                     "text": res.text, "tool_calls": res.tool_calls})
     out["tools required"] = {"call_rate": sum(r["call"] for r in rows) / len(rows),
-                             "complete_rate": sum(r["complete"] for r in rows) / len(rows), "rows": rows}
+                             "complete_rate": sum(r["complete"] for r in rows) / len(rows),
+                             "budget_endings": sum(r["budget_ending"] for r in rows), "rows": rows}
     print(f"# tools required: {out['tools required']['call_rate']:.0%} calls, "
           f"{out['tools required']['complete_rate']:.0%} complete", flush=True)
+    Closer.choose = choose
+    masks = timer.summary()
+    timer.close()
+    steps = max(1, masks["steps"])
+    out["grammar_ms_per_token"] = {**masks, "closer_ms": 1000 * sum(closer_s) / steps,
+                                   "total_ms": masks["total_ms"] + 1000 * sum(closer_s) / steps}
+    engine.store.clear()
+    engine.prefix_cache.clear()
+    plain = engine.chat([{"role": "user", "content": FREE_SCHEMAS["nested object"][1]}], max_new_tokens=48,
+                        schedule="full")  # one sequence alone, no grammar: the decode step to compare with
+    out["decode_ms_per_token_alone"] = 1000 * plain.stats.decode_s / max(1, plain.stats.completion_tokens - 1)
+    print(f"# grammar {out['grammar_ms_per_token']['total_ms']:.2f} ms/token "
+          f"(closer {out['grammar_ms_per_token']['closer_ms']:.2f}); decode alone "
+          f"{out['decode_ms_per_token_alone']:.1f} ms/token", flush=True)
     return out
 
 
@@ -197,13 +234,16 @@ def main() -> None:
     ap.add_argument("--validity", action="store_true", help="measure valid-JSON and complete-call rates instead")
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--no-budget-ending", action="store_true", help="--validity without the budget-aware ending")
+    ap.add_argument("--no-string-guard", action="store_true", help="--validity without the string-loop guard")
     args = ap.parse_args()
     engine = RelayEngine.load("default", dtype=args.dtype)
     out: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                              "platform": platform.platform(), "load_avg_start": os.getloadavg()},
                  "dtype": args.dtype, "vocab": engine.executor.config.vocab_size}
     if args.validity:
-        out["validity"] = validity(engine, args.seeds, args.max_new_tokens, args.temperature)
+        out["validity"] = validity(engine, args.seeds, args.max_new_tokens, args.temperature,
+                                   budget_ending=not args.no_budget_ending, string_guard=not args.no_string_guard)
         engine.close()
         if args.json:
             with open(args.json, "w") as f:

@@ -449,6 +449,8 @@ class RelayEngine:
 
     def finish(self, seq: Sequence) -> None:
         stats = seq.close_stats()
+        if seq.closer is not None:
+            stats.budget_ending, stats.guarded_strings = seq.closer.closing, seq.closer.guarded
         body = seq.body()
         self._remember(seq.ids, body, seq.prefill, torch.cat(seq.hidden), seq.schedule.splice_spans)
         logprobs = seq.recorder.entries(len(body), self._token_texts) if seq.recorder is not None else None

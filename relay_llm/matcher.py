@@ -176,6 +176,87 @@ def select(runs: Iterable[tuple[int, int, int, int]], min_len: int,
     return taken
 
 
+MAX_HOLE = 4  # prompt and stored tokens a re-tokenisation may change between two pieces of one span
+MIN_PIECE = 3  # the shortest piece past such a hole that is matched
+
+
+def bridge(matches: list[Match], prompt: np.ndarray, lo: int, hi: int,
+           tokens: Callable[[int], np.ndarray | None]) -> list[Match]:
+    """`matches` (sorted, disjoint) plus the pieces of their segments found across re-tokenisation holes.
+
+    A stored output re-tokenised in a prompt ("ISSU"+"E" written as "ISS"+"UE") differs in a few ids here
+    and there; the k-gram lookup finds only the long stretches between such holes. From each match's
+    edges this looks past up to MAX_HOLE differing ids on either side for the segment to go on (at least
+    MIN_PIECE equal ids), and takes that piece too, as long as it stays clear of the other matches. The
+    pieces of one segment that follow each other across holes are one span to the schedules (`span_groups`).
+    """
+    out = list(matches)
+    at = 0
+    while at < len(out):
+        m = out[at]
+        seg = tokens(m.segment_id)
+        if seg is None:
+            at += 1
+            continue
+        right = out[at + 1].start if at + 1 < len(out) else hi
+        piece = _across(prompt, m.end, right, seg, m.offset + m.length, 1)
+        if piece is not None:
+            start, off, length = piece
+            out.insert(at + 1, Match(start, m.segment_id, off, length, m.segment))
+        left = out[at - 1].end if at > 0 else lo
+        piece = _across(prompt, m.start, left, seg, m.offset, -1)
+        if piece is not None:
+            start, off, length = piece
+            out.insert(at, Match(start, m.segment_id, off, length, m.segment))
+            continue  # look past the new piece's left edge too
+        at += 1
+    return out
+
+
+def _across(prompt: np.ndarray, p: int, limit: int, seg: np.ndarray, q: int, step: int):
+    """The piece (start, offset, length) of `seg` that goes on past a hole of at most MAX_HOLE ids after
+    prompt[p:] / seg[q:] (step 1) or before prompt[:p] / seg[:q] (step -1), within `limit`; else None."""
+    best = None
+    for dp in range(MAX_HOLE + 1):
+        for dq in range(MAX_HOLE + 1):
+            if dp == dq == 0:
+                continue
+            if step > 0:
+                i, j = p + dp, q + dq
+                n = min(limit - i, seg.shape[0] - j)
+                if n < MIN_PIECE:
+                    continue
+                neq = np.flatnonzero(prompt[i : i + n] != seg[j : j + n])
+                length = int(neq[0]) if neq.size else n
+                cand = (i, j, length)
+            else:
+                i, j = p - dp, q - dq  # the piece ends here
+                n = min(i - limit, j)
+                if n < MIN_PIECE:
+                    continue
+                neq = np.flatnonzero(prompt[i - n : i][::-1] != seg[j - n : j][::-1])
+                length = int(neq[0]) if neq.size else n
+                cand = (i - length, j - length, length)
+            if length >= MIN_PIECE and (best is None or (dp + dq, -length) < best[0]):
+                best = ((dp + dq, -length), cand)
+    return best[1] if best is not None else None
+
+
+def span_groups(spans: Sequence[Match]) -> list[list[int]]:
+    """Indices of `spans` (sorted by start) grouped into logical spans: consecutive pieces of one segment,
+    in order, with at most MAX_HOLE ids between them in the prompt and in the segment."""
+    groups: list[list[int]] = []
+    for i, m in enumerate(spans):
+        if groups:
+            prev = spans[groups[-1][-1]]
+            gap = m.offset - (prev.offset + prev.length)
+            if m.segment_id == prev.segment_id and 0 <= m.start - prev.end <= MAX_HOLE and 0 <= gap <= MAX_HOLE:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 def _neg(x):
     return tuple(-v for v in x) if isinstance(x, tuple) else -x
 

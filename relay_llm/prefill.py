@@ -46,7 +46,7 @@ class Prefill:
             found = engine.store.find(ids, hit, n - 1, fingerprint=fp, touch=False)
         elif len(engine.store):
             stats.fallback = f"RoPE type {ex.rope[0].rope_type!r} cannot be rotated; spans recomputed"
-        plan.spans = [m for m in found if schedule.keep_span(m)]
+        plan.spans = schedule.keep_spans(found)
         if touch:
             engine.store.touch(plan.spans)
         self.notes = [f"{len(found) - len(plan.spans)} span(s) too short to reuse: computed"] if len(found) > len(

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .executor import AllTokens, Executor, LayerPlan, LayerState
+from .matcher import Match, span_groups
 from .selector import SelectorConfig, select, value_deviation
-from .store import Match
 
 
 @dataclass
@@ -69,6 +69,10 @@ class Schedule:
     def keep_span(self, match: Match) -> bool:
         """Whether a found span is worth reusing under this schedule (else its tokens are new)."""
         return True
+
+    def keep_spans(self, found: list[Match]) -> list[Match]:
+        """The found spans (sorted by start) this schedule reuses."""
+        return [m for m in found if self.keep_span(m)]
 
     def layer_plan(self, plan: PrefillPlan, ex: Executor) -> LayerPlan:
         raise NotImplementedError
@@ -147,6 +151,13 @@ class _SpanPlan:
             yield i, slice(at, at + m.length)
             at += m.length
 
+    def group_slices(self):
+        """(group number, slice into span_idx) for each logical span: pieces of one stored segment split only
+        by re-tokenisation holes (`matcher.span_groups`) form one, so span edges are its real edges."""
+        bounds = dict(self.span_slices())
+        for g, members in enumerate(span_groups(self.plan.spans)):
+            yield g, slice(bounds[members[0]].start, bounds[members[-1]].stop)
+
 
 class Relay(Schedule):
     """RelayCaching (DESIGN.md section 2) over the band [start_layer, end_layer], detecting at det_layer.
@@ -164,6 +175,11 @@ class Relay(Schedule):
 
     def keep_span(self, match: Match) -> bool:
         return match.length >= self.selector.min_span_tokens
+
+    def keep_spans(self, found: list[Match]) -> list[Match]:
+        """Pieces of one span split by re-tokenisation holes (`matcher.span_groups`) count together."""
+        keep = [g for g in span_groups(found) if sum(found[i].length for i in g) >= self.selector.min_span_tokens]
+        return [found[i] for g in keep for i in g]
 
     def layer_plan(self, plan, ex):
         return _RelayPlan(plan, ex, self)
@@ -222,7 +238,7 @@ class _RelayPlan(_SpanPlan):
             infl = probs[:, state.positions[self.span_idx]].sum(0)
         else:
             infl = torch.zeros_like(dev)
-        for i, sl in self.span_slices():
+        for i, sl in self.group_slices():
             mean_dev = float(dev[sl].mean())
             if mean_dev > cfg.max_span_deviation:
                 self.selected[sl] = True

@@ -19,6 +19,9 @@ class SelectorConfig:
     fraction of a span's tokens (1.0 = no cap); over the cap, the prefix and suffix are kept first, then
     the tokens with the highest d/mean(d) + s/mean(s). max_span_deviation: quality guard; a span whose
     mean deviation exceeds it is recomputed in full. min_span_tokens: shorter spans are not reused.
+    dev_floor: absolute deviation below which the relative rules select nothing (0 = off, the paper's
+    rule): where the context barely changed the span's values, nothing stands out for real, and the
+    top tau-fraction would be recomputed for nothing. The edge rules still apply.
     """
 
     tau_dev: float = 1.5
@@ -28,6 +31,7 @@ class SelectorConfig:
     recompute_budget: float = 1.0
     max_span_deviation: float = 0.25
     min_span_tokens: int = 16
+    dev_floor: float = 0.0
 
     def updated(self, overrides: dict | None) -> SelectorConfig:
         if not overrides:
@@ -58,6 +62,8 @@ def select(deviation: torch.Tensor, influence: torch.Tensor, cfg: SelectorConfig
     d_mean = deviation.mean().clamp_min(1e-12)
     s_mean = influence.mean().clamp_min(1e-12)
     chosen = (deviation >= cfg.tau_dev * d_mean) | (influence >= cfg.tau_inf * s_mean)
+    if cfg.dev_floor > 0:
+        chosen &= deviation >= cfg.dev_floor
     edges = torch.zeros(n, dtype=torch.bool, device=deviation.device)
     edges[max(0, n - cfg.suffix) :] = True
     edges[: cfg.prefix] = True

@@ -28,6 +28,10 @@ class RequestStats:
     prefill_s: float = 0.0  # from admission to the prefill's end (other sequences' decode steps included)
     decode_s: float = 0.0
     fallback: str | None = None
+    # Structured output (relay_llm.closing): the budget-aware ending took over for the last tokens; JSON
+    # strings closed by the loop guard.
+    budget_ending: bool = False
+    guarded_strings: int = 0
     span_kinds: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .matcher import KGramIndex, Match, select
+from .matcher import KGramIndex, Match, bridge, select
 
 __all__ = ["Match", "PrefixCache", "Segment", "SegmentStore", "StoreStats"]
 
@@ -285,7 +285,8 @@ class SegmentStore:
 
     def find(self, ids: list[int], lo: int = 0, hi: int | None = None, fingerprint: str | None = None,
              touch: bool = True) -> list[Match]:
-        """Non-overlapping stored stretches inside `ids[lo:hi]`, each >= min_match_tokens, sorted by start.
+        """Non-overlapping stored stretches inside `ids[lo:hi]`, sorted by start: each >= min_match_tokens,
+        or a piece past a re-tokenisation hole next to one (`matcher.bridge`, >= MIN_PIECE tokens).
 
         Each match is token-for-token equal to its segment, so the K/V spliced at a position always
         belongs to the id there. fingerprint: only segments with this fingerprint (None: any). touch:
@@ -302,6 +303,7 @@ class SegmentStore:
             out = select(runs, self.k)
             for m in out:
                 m.segment = self._segments[m.segment_id]
+            out = bridge(out, prompt, lo, hi, self._tokens.get)
             if touch:
                 self.touch(out)
             return out

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay_llm.matcher import KGramIndex, chunk_bounds, select, window_hashes
+from relay_llm.matcher import KGramIndex, chunk_bounds, select, span_groups, window_hashes
 from relay_llm.schedules import get_schedule
 from relay_llm.stats import RequestStats
 from relay_llm.store import Segment, SegmentStore
@@ -66,8 +66,8 @@ def reuse(engine, request, schedule: str = "naive") -> RequestStats:
     return engine.complete(request, max_new_tokens=1, schedule=schedule).stats
 
 
-def plan_of(engine, ids: list[int], schedule: str = "naive"):
-    """(plan, kv buffers) of a prefill of `ids` (stores nothing)."""
+def plan_of(engine, ids: list[int], schedule="naive"):
+    """(plan, kv buffers) of a prefill of `ids` (stores nothing); schedule: a name or a Schedule."""
     _, kv, plan = engine._prefill(ids, len(ids), get_schedule(schedule), RequestStats())
     return plan, kv
 
@@ -266,6 +266,56 @@ def test_changed_token_inside_an_output_splits_it_in_two_spans(llama):
     assert_spans_belong(ids, plan)
     assert len(plan.spans) == 2 and all(m.segment_id == plan.spans[0].segment_id for m in plan.spans)
     assert len(ans) - 12 <= sum(m.length for m in plan.spans) < len(ans)
+
+
+def test_retokenisation_holes_keep_one_span_whole():
+    """A stored stretch re-tokenised with a few different ids every ~10 tokens (pieces shorter than k):
+    every equal piece is found across the holes, and the pieces form one logical span."""
+    rng = np.random.default_rng(0)
+    seg_ids = rng.integers(10, 500, 120)
+    store = SegmentStore(1 << 30, min_match_tokens=16)
+    store.add(_segment(seg_ids.tolist()))
+    prompt, expect = list(rng.integers(500, 900, 7)), 0
+    at = 0
+    for cut in (25, 35, 47, 58, 71, 80, 93):  # 2 stored ids written as 1 to 3 other ids, as BPE would
+        prompt += seg_ids[at:cut].tolist() + list(rng.integers(900, 999, 1 + cut % 3))
+        expect += cut - at
+        at = cut + 2
+    prompt += seg_ids[at:].tolist() + list(rng.integers(500, 900, 5))
+    expect += 120 - at
+    found = store.find(prompt)
+    assert sum(m.length for m in found) == expect and len(found) == 8
+    assert all(prompt[m.start : m.end] == seg_ids[m.offset : m.offset + m.length].tolist() for m in found)
+    assert span_groups(found) == [list(range(8))]
+    other = store.find(prompt[:40] + list(rng.integers(500, 900, 6)) + prompt[40:])  # a real gap: 2 groups
+    assert len(span_groups(other)) == 2
+
+
+def _segment(ids: list[int]) -> Segment:
+    n = len(ids)
+    return Segment(token_ids=torch.tensor(ids), keys=torch.zeros(1, 1, n, 2), values=torch.zeros(1, 1, n, 2),
+                   start_pos=0, fingerprint="fp", kind="decode")
+
+
+def test_relay_repairs_a_span_split_by_holes_only_at_its_real_edges(llama):
+    """One quoted output whose re-tokenisation differs at three places: relay reuses it as one span (edge
+    rule at its two real ends), so it recomputes far fewer cells than with each piece as its own span."""
+    ans = relay_answer(llama, "Write the specification.", SPEC_ANSWER + " " + DOC)
+    ids = llama.render([{"role": "user", "content": "Check this: " + SPEC_ANSWER + " " + DOC}])
+    at = next(i for i in range(len(ids)) if ids[i : i + 40] == ans[2:42])  # the quote (edges may re-tokenise)
+    for pos in (at + 12, at + 25, at + 38):  # three holes: one id written as two others
+        ids = ids[:pos] + [7, 9] + ids[pos + 1 :]
+    relay = get_schedule("relay", {"min_span_tokens": 16}, band=(1, 1, 2))
+    plan, _ = plan_of(llama, ids, relay)
+    assert len(plan.spans) == 4 and len(span_groups(plan.spans)) == 1
+    stats = RequestStats()
+    llama._prefill(ids, len(ids), relay, stats)
+    per_piece = get_schedule("relay", {"min_span_tokens": 16}, band=(1, 1, 2))
+    per_piece.keep_spans = lambda found: [m for m in found if m.length >= 16]  # as before: pieces alone
+    lone = RequestStats()
+    llama._prefill(ids, len(ids), per_piece, lone)
+    assert stats.span_tokens > lone.span_tokens  # short pieces past the holes are reused too
+    assert stats.recomputed_cells / stats.span_tokens < lone.recomputed_cells / max(1, lone.span_tokens)
 
 
 def test_partial_quote_of_only_the_code_block(llama):

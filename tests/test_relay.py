@@ -214,3 +214,17 @@ def test_profile_command_writes_a_loadable_profile_and_plot(tiny_dirs, tmp_path,
     profile = Profile.load(out, fp)
     assert profile.measurements["handoffs"] == 24 and out.with_suffix(".png").exists()
     assert f"profile saved to {out}" in capsys.readouterr().out
+
+
+def test_a_deviation_floor_selects_nothing_where_nothing_changed():
+    """Float-noise deviations: the relative rules would still pick the top tokens; under the floor only the
+    edges are recomputed. A real deviation above the floor is still selected."""
+    dev = torch.full((40,), 1e-5)
+    dev[20] = 2e-5  # stands out relatively, yet is noise
+    infl = torch.ones(40)
+    cfg = SelectorConfig(prefix=2, suffix=3)
+    assert select(dev, infl, cfg)[20]
+    floored = select(dev, infl, cfg.updated({"dev_floor": 0.005}))
+    assert floored.nonzero().flatten().tolist() == [0, 1, 37, 38, 39]
+    dev[25] = 0.05
+    assert select(dev, infl, cfg.updated({"dev_floor": 0.005}))[25]

@@ -60,6 +60,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request (default: $RELAY_LLM_API_KEY)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="generations that may wait beyond the batch; more get a 429 (default: 64)")
 
 
 def _serve_run(args: argparse.Namespace) -> int:
@@ -68,7 +71,8 @@ def _serve_run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"relay-llm serve needs the server extra: pip install 'relay-llm[server]' ({exc})", file=sys.stderr)
         return 2
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
+          max_batch=args.max_batch, max_queue=args.max_queue)
     return 0
 
 

@@ -521,8 +521,10 @@ _SHARED: dict[tuple[str, str, str], RelayEngine] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_engine(model: str = "default", dtype: str = "auto", device: str = "auto") -> RelayEngine:
-    """The process-wide engine for (model, dtype, device), loaded on first use.
+def shared_engine(model: str = "default", dtype: str = "auto", device: str = "auto",
+                  config: EngineConfig | None = None) -> RelayEngine:
+    """The process-wide engine for (model, dtype, device), loaded on first use (with `config`, if given:
+    it only applies to the call that loads the engine).
 
     Every face (LangChain, LlamaIndex, the server) gets its engine here, so instances naming the same
     model share one model, one worker and one segment store, and reuse each other's outputs.
@@ -530,5 +532,5 @@ def shared_engine(model: str = "default", dtype: str = "auto", device: str = "au
     key = (model, dtype, device)
     with _SHARED_LOCK:
         if key not in _SHARED:
-            _SHARED[key] = RelayEngine.load(model, dtype=dtype, device=device)
+            _SHARED[key] = RelayEngine.load(model, dtype=dtype, device=device, config=config)
         return _SHARED[key]

@@ -14,6 +14,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--dtype", default="auto", help="auto (lossless), fast, float32, bfloat16, float16 or int8")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--model-id", default=None, help="the model name served in /v1/models")
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="generations that may wait beyond the batch; more get a 429 (default 64)")
     return parser
 
 
@@ -22,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     from .app import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-          device=args.device, model_id=args.model_id)
+          device=args.device, model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue)
 
 
 if __name__ == "__main__":

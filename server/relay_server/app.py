@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from relay_llm import Chunk, RelayEngine, shared_engine
+from relay_llm import Chunk, EngineConfig, RelayEngine, shared_engine
 from relay_llm.loading import DEFAULT_MODEL_DIRNAME
 from relay_llm.scheduler import QueueFull
 from relay_llm.stats import RequestStats
@@ -154,16 +154,18 @@ def _model_card(state: ServerState) -> dict:
 
 def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str | None = None,
                model_id: str | None = None, dtype: str = "auto", device: str = "auto",
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               config: EngineConfig | None = None) -> FastAPI:
     """The OpenAI-compatible app.
 
     engine_or_model: a loaded `RelayEngine`, or a model name for `shared_engine` ("default", an HF folder,
     a .gguf file). model_id: the name served in /v1/models and accepted in requests (the model name given,
     its folder name, and for "default" also the packaged model's name, are accepted too).
-    api_key: if set, every request except /health needs `Authorization: Bearer <api_key>`.
+    api_key: if set, every request except /health needs `Authorization: Bearer <api_key>`. config: the
+    engine's settings (batch size, queue, budgets) when a model name is given and loaded here.
     """
     given = engine_or_model if isinstance(engine_or_model, str) else None
-    engine = shared_engine(given, dtype=dtype, device=device) if given else engine_or_model
+    engine = shared_engine(given, dtype=dtype, device=device, config=config) if given else engine_or_model
     folder = Path(engine.model_name).name if engine.model_name else ""  # "gemma-3-270m" for "default"
     served = model_id or (Path(given).name if given and given != "default" else folder) or "relay"
     names = {served, folder, given or ""} | ({"default"} if folder == DEFAULT_MODEL_DIRNAME else set())
@@ -224,7 +226,8 @@ def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str |
 
 
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          dtype: str = "auto", device: str = "auto", model_id: str | None = None, log_level: str = "info") -> None:
+          dtype: str = "auto", device: str = "auto", model_id: str | None = None, log_level: str = "info",
+          max_batch: int = 8, max_queue: int = 64) -> None:
     """Load `model` and serve the OpenAI-compatible API with uvicorn until interrupted (loopback by default).
 
     api_key: None reads `RELAY_LLM_API_KEY` from the environment (unset or empty: no authentication).
@@ -232,6 +235,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
     import uvicorn
 
     api_key = api_key if api_key is not None else os.environ.get("RELAY_LLM_API_KEY") or None
-    app = create_app(model, api_key=api_key, dtype=dtype, device=device, model_id=model_id)
+    app = create_app(model, api_key=api_key, dtype=dtype, device=device, model_id=model_id,
+                     config=EngineConfig(max_batch=max_batch, max_queue=max_queue))
     log.info("serving %s on http://%s:%d/v1", app.state.relay.model_id, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

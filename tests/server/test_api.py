@@ -360,3 +360,23 @@ def test_a_request_that_can_never_fit_the_kv_budget_is_a_400(client, http, serve
     assert "KV budget" in r.json()["error"]["message"]
     ok = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs("Fits."), "max_tokens": 3})
     assert ok.status_code == 200
+
+
+def test_serve_options_reach_the_engine_it_loads(tmp_path):
+    """`relay-llm serve --max-batch 3 --max-queue 5` parses, and create_app loads its engine with that config."""
+    from relay_server import create_app
+
+    from relay_llm import EngineConfig, cli, engine
+
+    from ..tiny import make_model
+
+    args = cli.build_parser().parse_args(["serve", "--max-batch", "3", "--max-queue", "5"])
+    assert (args.max_batch, args.max_queue) == (3, 5)
+    folder = str(make_model("llama", tmp_path / "llama"))
+    app = create_app(folder, config=EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue))
+    loaded = app.state.relay.engine
+    try:
+        assert loaded.config.max_batch == 3 and loaded._worker.max_queue == 5 and loaded._worker.max_batch == 3
+    finally:
+        engine._SHARED.pop((folder, "auto", "auto"), None)
+        loaded.close()

@@ -338,7 +338,7 @@ def _child(argv: list[str]) -> dict | None:
 def one_system(only: str, sizes: list[int], n: int, chain_tokens: int) -> dict:
     """Everything measured of one system, alone in this process: "relay-llm DTYPE" (or "relay-llm before":
     fp32 on the plain path), "HF" or "llama.cpp". The bandwidth is measured on the engine's worker thread, so
-    this process's main thread never starts an OpenMP team (see `engine._Worker`)."""
+    this process's main thread never starts an OpenMP team (see `relay_llm.scheduler`)."""
     if only.startswith("relay-llm"):
         name = only.split()[-1]
         engine = RelayEngine.load("default", dtype="float32" if name == "before" else name,

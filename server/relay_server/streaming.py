@@ -1,8 +1,8 @@
 """Bridge the engine's blocking chunk iterator to asyncio, and write OpenAI server-sent events.
 
-The engine runs generations one at a time on its own worker thread; `engine.stream(...)` returns an
-iterator that blocks until the next chunk. A `ChunkPump` iterates it on a dedicated thread and hands the
-chunks to the event loop, so the loop stays free (health, metrics, other requests queue meanwhile).
+The engine batches generations on its own model thread; `engine.stream(...)` returns an iterator that
+blocks until the next chunk. A `ChunkPump` iterates it on a dedicated thread and hands the chunks to the
+event loop, so the loop stays free (health, metrics and other requests are served meanwhile).
 Cancelling the pump closes the engine iterator at the next chunk, which cancels the generation at the
 next token.
 """
@@ -71,7 +71,7 @@ class ChunkPump:
         """Stop at the next chunk: the engine iterator is closed and the generation cancelled.
 
         If the engine's iterator has a thread-safe `cancel()` (a stream handle), it is called at once too,
-        so a generation still queued behind another one never starts.
+        so a generation still waiting for a place in the batch never starts.
         """
         self._stop.set()
         cancel = getattr(self._chunks, "cancel", None)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay_llm.matcher import KGramIndex, chunk_bounds, select, span_groups, window_hashes
+from relay_llm.matcher import MIN_PIECE, KGramIndex, chunk_bounds, select, span_groups, window_hashes
 from relay_llm.schedules import get_schedule
 from relay_llm.stats import RequestStats
 from relay_llm.store import Segment, SegmentStore
@@ -171,7 +171,8 @@ def test_chunk_bounds_follow_messages_and_skip_small_or_stored_parts():
 @given(data=st.data())
 def test_property_matches_are_stored_stretches(data):
     """Random prompts from random stored stretches and random glue: every match is a stored stretch with
-    the same ids (nothing else is reused), matches never overlap, and every pasted piece is found."""
+    the same ids (nothing else is reused), at least k long or a piece past a re-tokenisation hole of one
+    that is (`matcher.bridge`), matches never overlap, and every pasted piece is found."""
     k = data.draw(st.integers(4, 12), label="k")
     alphabet = data.draw(st.sampled_from([6, 50, 100_000]), label="alphabet")  # small: accidental repeats
     segs = [data.draw(st.lists(st.integers(0, alphabet - 1), min_size=k, max_size=80), label="segment")
@@ -189,8 +190,10 @@ def test_property_matches_are_stored_stretches(data):
     prompt += data.draw(st.lists(st.integers(alphabet, alphabet + 50), max_size=10), label="glue")
     ms = store.find(prompt)
     covered = np.zeros(len(prompt), dtype=bool)
+    for group in span_groups(ms):  # a piece shorter than k was found past a hole next to a k-gram match
+        assert any(ms[i].length >= k for i in group)
+        assert all(ms[i].length >= min(k, MIN_PIECE) for i in group)
     for m in ms:
-        assert m.length >= k
         assert prompt[m.start : m.end] == m.segment.token_ids[m.offset : m.offset + m.length].tolist()
         assert not covered[m.start : m.end].any()
         covered[m.start : m.end] = True

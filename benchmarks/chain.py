@@ -25,7 +25,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import AGENTS, agent_messages  # noqa: E402
+from decode import AGENTS, agent_messages, mean_kl  # noqa: E402
 
 from relay_llm import EngineConfig, RelayEngine  # noqa: E402
 from relay_llm.kernels import cpu_flags  # noqa: E402
@@ -40,10 +40,6 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "relay (prefix 16)": ("relay", {"prefix": 16}),  # epic's first-16-tokens rule inside relay
 }
 STEPS = 20
-
-
-def kl(ref, other) -> float:
-    return float((ref.exp() * (ref - other)).sum(-1).mean())
 
 
 def main() -> None:
@@ -77,7 +73,7 @@ def main() -> None:
             rows.append({"agent": k + 1, "name": AGENTS[k][0], "schedule": label, "prompt_tokens": len(ids),
                          "ttft_s": statistics.median(times), "reuse_rate": stats.reuse_rate,
                          "span_tokens": stats.span_tokens, "recomputed_cells": stats.recomputed_cells,
-                         "kl": kl(ref, got)})
+                         "kl": mean_kl(ref, got)})
             print(f"# agent {k + 1} {label}: {rows[-1]['ttft_s']:.3f} s, reuse {stats.reuse_rate:.1%}, "
                   f"KL {rows[-1]['kl']:.4f}", file=sys.stderr, flush=True)
     e.close()

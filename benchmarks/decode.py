@@ -57,6 +57,11 @@ def agent_messages(k: int, outputs: list[str]) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
+def mean_kl(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over steps of KL(ref || other); both [steps, vocab] log-probabilities."""
+    return float((ref.exp() * (ref - other)).sum(-1).mean())
+
+
 def read_bandwidth_gbs() -> float:
     """Best of 5 sums over a 1 GiB fp32 tensor (this process's threads), in GB/s."""
     x = torch.ones(1 << 28)
@@ -271,7 +276,7 @@ def fidelity(reference: RelayEngine, engine: RelayEngine, outputs: list[str], st
         ref = reference.teacher_force(ids, cont, schedule="full")
         for name in kls:
             got = engine.teacher_force(ids, cont, schedule=name)
-            kls[name].append(float((ref.exp() * (ref - got)).sum(-1).mean()))
+            kls[name].append(mean_kl(ref, got))
     return kls
 
 

@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import mean_kl  # noqa: E402
 
-from relay_llm import EngineConfig, RelayEngine, schedules, store
+from relay_llm import EngineConfig, RelayEngine, schedules, store  # noqa: E402
 
 STEPS = 20
-
-
-def kl(ref: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean KL(ref || other) over rows of log-probabilities [steps, vocab]."""
-    return float((ref.exp() * (ref - other)).sum(-1).mean())
 
 
 @contextlib.contextmanager
@@ -43,7 +41,7 @@ def pieces_only(on: bool):
     saved = store.bridge, schedules.span_groups, schedules.Relay.keep_spans
     store.bridge = lambda matches, *a: matches
     schedules.span_groups = lambda spans: [[i] for i in range(len(spans))]
-    schedules.Relay.keep_spans = schedules.Schedule.keep_spans
+    schedules.Relay.keep_spans = lambda self, found: [m for m in found if m.length >= self.selector.min_span_tokens]
     try:
         yield
     finally:
@@ -78,7 +76,7 @@ def main() -> None:
             e.prefix_cache.clear()
             got = e.teacher_force(ids, cont, schedule=sched)
             found = e.store.find(ids, touch=False, fingerprint=e.store_fingerprint)
-            rows[name] = {"ttft_s": statistics.median(times), "kl": kl(full, got), "spans": stats.spans,
+            rows[name] = {"ttft_s": statistics.median(times), "kl": mean_kl(full, got), "spans": stats.spans,
                           "span_tokens": stats.span_tokens, "reused_tokens": stats.reused_tokens,
                           "reuse_rate": stats.reuse_rate, "pieces_found": len(found),
                           "groups": len(schedules.span_groups(found))}

@@ -126,27 +126,28 @@ class Closer:
 
     candidates: the tokenizer's `Candidates`; token_text: id -> text; encode: text -> ids; horizon: the
     ending is estimated only once at most this many tokens are left. budget: end within the budget;
-    string_guard: close a string that loops (`JsonDepth.looping`).
+    string_guard: close a string that loops (`JsonDepth.looping`). restart_at: text that opens a fresh
+    JSON stretch (a tool call's opening tag, `structured.CALL_OPEN`).
     """
 
     def __init__(self, constraint, candidates: Candidates, token_text, encode, horizon: int = 48,
-                 budget: bool = True, string_guard: bool = True):
+                 budget: bool = True, string_guard: bool = True, restart_at: str | None = None):
         self.constraint = constraint
         self.cand = candidates
         self.token_text, self.encode = token_text, encode
         self.horizon = horizon
         self.budget, self.string_guard = budget, string_guard
         self.depth = JsonDepth()
+        self.restart_at = restart_at
         self.closing = False  # once on, it stays on
-        self.estimates = 0  # simulations run (for measurements)
         self.guarded = 0  # strings closed by the guard
 
     def observe(self, token: int) -> None:
-        """Feed an accepted token (a tool call's opening tag starts a fresh JSON stretch)."""
+        """Feed an accepted token (`restart_at` starts a fresh JSON stretch)."""
         text = self.token_text(token)
-        if "<tool_call>" in text:
+        if self.restart_at and self.restart_at in text:
             self.depth = JsonDepth()
-            text = text.split("<tool_call>")[-1]
+            text = text.split(self.restart_at)[-1]
         self.depth.feed(text)
 
     def choose(self, tokens_left: int, logits: torch.Tensor | None = None) -> int | None:
@@ -195,7 +196,6 @@ class Closer:
     def _ending_tokens(self, limit: int) -> int | None:
         """Tokens the closing policy takes to complete the grammar from here, played forward on a fork of
         the matcher (ties broken by the lowest id); None if more than `limit`."""
-        self.estimates += 1
         sim = self.constraint.fork()
         depth = self.depth.copy()
         bitmask = self.constraint.new_bitmask()

@@ -379,7 +379,8 @@ class RelayEngine:
         cands, texts = cache.closing_candidates, cache.token_texts
         return lambda constraint: Closer(constraint, cands, texts.__getitem__,
                                          lambda text: self.encode(text, special_tokens=False),
-                                         budget=options.budget_ending, string_guard=options.string_guard)
+                                         budget=options.budget_ending, string_guard=options.string_guard,
+                                         restart_at=structured.CALL_OPEN)
 
     def teacher_force(self, request: list[dict] | str | list[int], continuation_ids: list[int],
                       schedule: str | Schedule = "full", relay: dict | None = None) -> torch.Tensor:
@@ -445,7 +446,6 @@ class RelayEngine:
     def begin(self, seq: Sequence) -> None:
         seq.admitted()
         seq.prefill = Prefill(self, seq.ids, seq.capacity, seq.schedule, seq.stats)
-        seq.kv = seq.prefill.kv
 
     def finish(self, seq: Sequence) -> None:
         stats = seq.close_stats()

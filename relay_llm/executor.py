@@ -267,6 +267,15 @@ class Executor:
             plan.after_layer(state)
         return hidden, captured, token_layers
 
+    def _rope_tables(self, hidden: torch.Tensor,
+                     positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """layer type -> (cos, sin) [1, T, head_dim] at `positions` [T]; hidden: [1, T, hidden] (dtype, device)."""
+        tables = {}
+        for layer_type in set(self.layer_types):
+            args = (hidden, positions[None]) + ((layer_type,) if self._per_type_rope else ())
+            tables[layer_type] = self.base.rotary_emb(*args)
+        return tables
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, kvs: list[KVBuffers], logit_rows: torch.Tensor | None = None,
              capture_layer: int | None = None) -> RunResult:
@@ -295,10 +304,7 @@ class Executor:
                              token_layers=torch.full((b,), self.num_layers, dtype=torch.long))
         pos = torch.tensor(positions, device=self.device)
         hidden = self.base.embed_tokens(tokens[None].to(self.device))
-        rope_cache = {}
-        for layer_type in set(self.layer_types):
-            args = (hidden, pos[None]) + ((layer_type,) if self._per_type_rope else ())
-            rope_cache[layer_type] = self.base.rotary_emb(*args)
+        rope_cache = self._rope_tables(hidden, pos)
         x, captured = hidden, None
         for i, layer in enumerate(self.lean):
             if capture_layer == i:
@@ -339,10 +345,7 @@ class Executor:
         positions = torch.arange(start, end, device=self.device)
         hidden = self.base.embed_tokens(input_ids[None].to(self.device))[0]
         kv.length = max(kv.length, end)
-        rope_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer_type in set(self.layer_types):
-            args = (hidden[None], positions[None]) + ((layer_type,) if self._per_type_rope else ())
-            rope_cache[layer_type] = self.base.rotary_emb(*args)
+        rope_cache = self._rope_tables(hidden[None], positions)
         if isinstance(plan, AllTokens):
             hidden, captured = self._run_all(hidden, positions, end, kv, rope_cache, capture_layer)
             token_layers = torch.full((t,), self.num_layers, dtype=torch.long, device=self.device)

@@ -199,46 +199,33 @@ def bridge(matches: list[Match], prompt: np.ndarray, lo: int, hi: int,
             at += 1
             continue
         right = out[at + 1].start if at + 1 < len(out) else hi
-        piece = _across(prompt, m.end, right, seg, m.offset + m.length, 1)
+        end_off = m.offset + m.length
+        piece = _across(prompt[m.end : right], seg[end_off:])
         if piece is not None:
-            start, off, length = piece
-            out.insert(at + 1, Match(start, m.segment_id, off, length, m.segment))
+            dp, dq, length = piece
+            out.insert(at + 1, Match(m.end + dp, m.segment_id, end_off + dq, length, m.segment))
         left = out[at - 1].end if at > 0 else lo
-        piece = _across(prompt, m.start, left, seg, m.offset, -1)
+        piece = _across(prompt[left : m.start][::-1], seg[: m.offset][::-1])  # leftwards: both reversed
         if piece is not None:
-            start, off, length = piece
-            out.insert(at, Match(start, m.segment_id, off, length, m.segment))
+            dp, dq, length = piece
+            out.insert(at, Match(m.start - dp - length, m.segment_id, m.offset - dq - length, length, m.segment))
             continue  # look past the new piece's left edge too
         at += 1
     return out
 
 
-def _across(prompt: np.ndarray, p: int, limit: int, seg: np.ndarray, q: int, step: int):
-    """The piece (start, offset, length) of `seg` that goes on past a hole of at most MAX_HOLE ids after
-    prompt[p:] / seg[q:] (step 1) or before prompt[:p] / seg[:q] (step -1), within `limit`; else None."""
+def _across(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int] | None:
+    """The nearest piece past a hole: a, b are the prompt's and the segment's ids going away from a match's
+    edge. Returns (hole in a, hole in b, piece length) for holes of at most MAX_HOLE ids each and a piece of
+    at least MIN_PIECE equal ids (smallest hole first, then the longest piece), else None."""
     best = None
     for dp in range(MAX_HOLE + 1):
         for dq in range(MAX_HOLE + 1):
             if dp == dq == 0:
                 continue
-            if step > 0:
-                i, j = p + dp, q + dq
-                n = min(limit - i, seg.shape[0] - j)
-                if n < MIN_PIECE:
-                    continue
-                neq = np.flatnonzero(prompt[i : i + n] != seg[j : j + n])
-                length = int(neq[0]) if neq.size else n
-                cand = (i, j, length)
-            else:
-                i, j = p - dp, q - dq  # the piece ends here
-                n = min(i - limit, j)
-                if n < MIN_PIECE:
-                    continue
-                neq = np.flatnonzero(prompt[i - n : i][::-1] != seg[j - n : j][::-1])
-                length = int(neq[0]) if neq.size else n
-                cand = (i - length, j - length, length)
+            length = _equal_run(a, dp, a.shape[0], b, dq)
             if length >= MIN_PIECE and (best is None or (dp + dq, -length) < best[0]):
-                best = ((dp + dq, -length), cand)
+                best = ((dp + dq, -length), (dp, dq, length))
     return best[1] if best is not None else None
 
 

@@ -52,7 +52,7 @@ class Runner(Protocol):
     capture_layer: int
 
     def begin(self, seq: Sequence) -> None:
-        """Plan the sequence's prefill and allocate its buffers (`seq.prefill`, `seq.kv`)."""
+        """Plan the sequence's prefill and allocate its buffers (`seq.prefill`)."""
 
     def finish(self, seq: Sequence) -> None:
         """Store what the sequence generated and emit its last chunk."""
@@ -171,7 +171,6 @@ class Scheduler:
                 budget -= seq.prefill.step(budget)
                 if seq.prefill.done:
                     self._prefilling = None
-                    seq.plan = seq.prefill.plan
                     self._running.append(seq)
                     seq.start_decoding(seq.prefill.logits)
             except BaseException as exc:

@@ -66,13 +66,9 @@ class Schedule:
     splice_prefix = True
     splice_spans = True
 
-    def keep_span(self, match: Match) -> bool:
-        """Whether a found span is worth reusing under this schedule (else its tokens are new)."""
-        return True
-
     def keep_spans(self, found: list[Match]) -> list[Match]:
-        """The found spans (sorted by start) this schedule reuses."""
-        return [m for m in found if self.keep_span(m)]
+        """The found spans (sorted by start) this schedule reuses (the others' tokens are new): all of them."""
+        return list(found)
 
     def layer_plan(self, plan: PrefillPlan, ex: Executor) -> LayerPlan:
         raise NotImplementedError
@@ -172,9 +168,6 @@ class Relay(Schedule):
             raise ValueError(f"need start_layer <= det_layer <= end_layer, got {start_layer}, {det_layer}, {end_layer}")
         self.start, self.det, self.end = start_layer, det_layer, end_layer
         self.selector = selector or SelectorConfig()
-
-    def keep_span(self, match: Match) -> bool:
-        return match.length >= self.selector.min_span_tokens
 
     def keep_spans(self, found: list[Match]) -> list[Match]:
         """Pieces of one span split by re-tokenisation holes (`matcher.span_groups`) count together."""

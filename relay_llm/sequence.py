@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .engine import Chunk, GenerationOptions
     from .executor import KVBuffers
     from .prefill import Prefill
-    from .schedules import PrefillPlan, Schedule
+    from .schedules import Schedule
 
 
 class State(Enum):
@@ -49,8 +49,6 @@ class Sequence:
         self._admitted_at = self.t0
         self.kv_bytes = 0  # of the buffers it is admitted with (set by the scheduler)
         self.prefill: Prefill | None = None
-        self.kv: KVBuffers | None = None
-        self.plan: PrefillPlan | None = None
         self.generated: list[int] = []
         self.hidden: list[torch.Tensor] = []  # capture-layer input of each fed generated token, [1, hidden] each
         self.kept: int | None = None  # with a stop string: how many generated ids the returned text holds
@@ -70,13 +68,13 @@ class Sequence:
         return len(self.ids) + self.options.max_new_tokens
 
     @property
-    def next_token(self) -> int:
-        return self.generated[-1]
+    def kv(self) -> KVBuffers:
+        """The sequence's K/V buffers (its prefill's)."""
+        return self.prefill.kv
 
     @property
-    def position(self) -> int:
-        """Slot (= position) of `next_token`."""
-        return len(self.ids) + len(self.generated) - 1
+    def next_token(self) -> int:
+        return self.generated[-1]
 
     def admitted(self) -> None:
         """The scheduler took it from the queue: its prefill starts."""

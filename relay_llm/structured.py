@@ -500,6 +500,14 @@ def call_id(seed: str, index: int, name: str) -> str:
     return "call_" + hashlib.sha256(f"{seed}|{index}|{name}".encode()).hexdigest()[:24]
 
 
+def _add_arguments(deltas: list[dict], index: int, text: str) -> None:
+    """Append an arguments delta of call `index`, joined to the last delta when that is the same call's."""
+    if deltas and deltas[-1]["index"] == index:
+        deltas[-1]["arguments"] += text
+    else:
+        deltas.append({"index": index, "id": None, "name": None, "arguments": text})
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -567,19 +575,17 @@ class ToolCallParser:
                 index = len(self.calls)
                 end = j if j >= 0 else len(text) - _held(text[self._args_start:], CALL_CLOSE)
                 if end > self._args_sent:
-                    delta = {"index": index, "id": None, "name": None, "arguments": text[self._args_sent:end]}
-                    if deltas and deltas[-1]["index"] == index:
-                        deltas[-1]["arguments"] += delta["arguments"]
-                    else:
-                        deltas.append(delta)
+                    _add_arguments(deltas, index, text[self._args_sent:end])
                     self._args_sent = end
                 if j < 0:
                     break
-                arguments = text[self._args_start : j]
-                self.calls.append({"id": call_id(self.seed, index, self._name), "type": "function",
-                                   "function": {"name": self._name, "arguments": arguments}})
+                self._close_call(index, text[self._args_start : j])
                 self._pos, self._state = j + len(CALL_CLOSE), "text"
         return "".join(content), deltas
+
+    def _close_call(self, index: int, arguments: str) -> None:
+        self.calls.append({"id": call_id(self.seed, index, self._name), "type": "function",
+                           "function": {"name": self._name, "arguments": arguments}})
 
     def _take_content(self, piece: str) -> str:
         """Add text outside calls; return what can be emitted (leading and trailing whitespace held back)."""
@@ -616,12 +622,8 @@ class ToolCallParser:
         sent = text[self._args_start : self._args_sent]
         arguments = rest if _is_json(rest) or not _is_json(sent) else sent
         if len(arguments) > len(sent):
-            if deltas and deltas[-1]["index"] == index:
-                deltas[-1]["arguments"] += arguments[len(sent):]
-            else:
-                deltas.append({"index": index, "id": None, "name": None, "arguments": arguments[len(sent):]})
-        self.calls.append({"id": call_id(self.seed, index, self._name), "type": "function",
-                           "function": {"name": self._name, "arguments": arguments}})
+            _add_arguments(deltas, index, arguments[len(sent):])
+        self._close_call(index, arguments)
         self._state = "text"
         return content, deltas
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from relay_llm import RelayEngine
-from relay_llm.kernels import cpu_flags
+from relay_llm.kernels import GemvLinear, cpu_flags
 
 AGENTS = [
     ("Analyst", "You are a business analyst. List the user's needs as short numbered points."),
@@ -81,6 +81,9 @@ def weight_bytes_per_token(engine: RelayEngine) -> int:
     model = engine.model
     total = 0
     for module in [model.lm_head, *model.model.layers.modules()]:
+        if isinstance(module, GemvLinear) and module.grid:  # decode reads the grid, not the fp32 weight beside it
+            total += sum(t.numel() * t.element_size() for t in (module.q, module.scale, module.offset) if t is not None)
+            continue
         for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
             total += t.numel() * t.element_size()  # a packed weight holds as many elements as the plain one
     return total

@@ -6,6 +6,10 @@ blocked layout (the path torch inductor uses); batched rows gain more. bf16 weig
 AVX512-BF16 kernels where the CPU has them; int8 weight-only linears (per-output-row scales, bf16
 activations) run on `torch._weight_int8pack_mm`.
 
+On AVX2 + FMA CPUs, relay-llm's own GEMV (`native`, `csrc/gemv.cpp`) beats both for decode's few rows: fp32
+weights stream at memory speed, and weights that lie on an int8 grid (`grid.find_grid`: every model converted
+from a block-quantised GGUF, the default model included) are read as int8, a quarter of the bytes, losslessly.
+
 `accelerate(model, weights)` swaps every `nn.Linear` of the decoder layers and the LM head for one of
 the modules below, after checking on this machine that the kernel runs and matches `F.linear`; where it
 does not, the plain modules stay and the returned `KernelInfo` says why.
@@ -22,9 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import grid as grid_lib
+from . import native
+
 log = logging.getLogger("relay_llm")
 
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
 
 
 @cache
@@ -99,6 +106,49 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class GemvLinear(nn.Module):
+    """fp32 y = x W^T + b: up to `GEMV_ROWS` rows (decode) on relay-llm's GEMV, more (prefill) on `F.linear`.
+
+    weight: [out, in] fp32, what many-row calls multiply by (the linear's own weight; for a lossy grid, its
+    dequantised weight). grid: where set, decode reads the weight from it: q packed [ceil(out/4), in/8, 4, 8]
+    int8, scale and offset [out, in/G] fp32 (`grid.Grid`, `pack`). x: [..., in] fp32 -> [..., out] fp32.
+    """
+
+    GEMV_ROWS = 8
+
+    def __init__(self, linear: nn.Linear, grid: grid_lib.Grid | None = None, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach() if weight is None else weight, persistent=False)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.grid = grid is not None
+        if grid is not None:
+            self.register_buffer("q", pack(grid.q), persistent=False)
+            self.register_buffer("scale", grid.scale.contiguous(), persistent=False)
+            self.offset = None if grid.offset is None else grid.offset.contiguous()
+        self._ops = native.ops()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > self.GEMV_ROWS or flat.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        flat = flat.contiguous()
+        if self.grid:
+            y = self._ops.gemv_grid(flat, self.q, self.scale, self.offset, self.bias)
+        else:
+            y = self._ops.gemv_f32(flat, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [N, K] -> [ceil(N/4), K/8, 4, 8]: blocks of 4 rows (zero rows past N), 8 weights of each in turn."""
+    n, k = q.shape
+    n4 = -(-n // 4) * 4
+    if n4 != n:
+        q = torch.cat([q, q.new_zeros(n4 - n, k)])
+    return q.view(n4 // 4, 4, k // 8, 8).permute(0, 2, 1, 3).contiguous()
+
+
 class RowsOf(nn.Module):
     """Output columns [lo, hi) of a fused linear: what q_proj / k_proj / v_proj (and gate_proj / up_proj) become
     once fused. `decoder.LeanLayer` calls `fused` once per layer; HF's own forward (the reference path) still
@@ -146,7 +196,7 @@ def fuse_projections(model) -> None:
 
 @dataclass(frozen=True)
 class KernelInfo:
-    """Which linear kernel a model runs on. path: "onednn-packed" | "int8-weight-only" | "plain"."""
+    """Which linear kernel a model runs on. path: "relay-gemv" | "onednn-packed" | "int8-weight-only" | "plain"."""
 
     path: str
     weights: str  # "float32" | "bfloat16" | "int8" | ...
@@ -207,16 +257,59 @@ def _plain_is_faster(linears: list[nn.Linear], repeats: int = 5) -> bool:
         return best(linears) < best(packed)
 
 
+def gemv_available(model) -> str:
+    """'' where `accelerate` can put `model`'s linears on relay-llm's GEMV (an fp32 model on a CPU where the
+    kernels build), else why not."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        return f"relay-llm's GEMV runs fp32 on CPU, not {param.dtype} on {param.device.type}"
+    return native.unavailable()
+
+
+def _accelerate_gemv(model, lossy: bool, cpu: tuple[str, ...]) -> KernelInfo:
+    """Every linear (in_features a multiple of 8) onto a `GemvLinear`: on its exact int8 grid where it has one,
+    else fp32 (lossy: else quantised onto an int8 grid, `grid.quantize`)."""
+    fuse_projections(model)
+    counts = {"exact": 0, "quantised": 0, "fp32": 0, "plain": 0}
+    for linear, places in _linears(model).items():
+        w = linear.weight
+        if w.dtype != torch.float32 or w.shape[1] % 8:
+            counts["plain"] += 1
+            continue
+        grid, weight = grid_lib.find_grid(w), None
+        if grid is not None:
+            counts["exact"] += 1
+        elif lossy:
+            grid = grid_lib.quantize(w, 32 if w.shape[1] % 32 == 0 else 8)
+            weight = grid.dequantised()
+            counts["quantised"] += 1
+        else:
+            counts["fp32"] += 1
+        fast = GemvLinear(linear, grid, weight)
+        for parent, name in places:
+            setattr(parent, name, fast)
+    note = ", ".join(f"{n} {kind}" for kind, n in (("on exact int8 grids", counts["exact"]),
+                     ("quantised to int8", counts["quantised"]), ("fp32", counts["fp32"]),
+                     ("on torch's F.linear (in_features not a multiple of 8)", counts["plain"])) if n)
+    info = KernelInfo("relay-gemv", "int8" if counts["quantised"] else "float32", f"linears: {note}", cpu)
+    log.info("relay-llm kernels: %s", info.describe())
+    return info
+
+
 def accelerate(model, weights: str = "native", kernels: str = "auto") -> KernelInfo:
     """Swap the model's linears for this machine's fastest kernel for `weights`, in place.
 
-    weights: "native" (keep the model's dtype: fp32 or bf16 go to oneDNN packed) or "int8" (weight-only
-    int8, for a bf16 model). kernels: "auto" (use the fast kernel where it runs and matches) or "plain"
-    (keep torch's default modules). Returns what was done; a log line says it too.
+    weights: "native" (keep the model's dtype) or "int8" (int8 weights). kernels: "auto" (the fastest kernel
+    that runs here: relay-llm's GEMV for an fp32 model where it builds, else oneDNN packed where it runs and
+    matches), "packed" (oneDNN packed) or "plain" (keep torch's default modules). On relay-llm's GEMV, "native"
+    is lossless (fp32 weights, or their exact int8 grid) and "int8" puts the other weights on an int8 grid too;
+    elsewhere "int8" is weight-only int8 for a bf16 model. Returns what was done; a log line says it too.
     """
     param = next(model.parameters())
     dtype_name = str(param.dtype).removeprefix("torch.")
     cpu = tuple(sorted(cpu_flags()))
+    if kernels == "auto" and not gemv_available(model):
+        return _accelerate_gemv(model, lossy=weights == "int8", cpu=cpu)
     if weights == "int8":
         if param.dtype != torch.bfloat16:
             raise ValueError("int8 weight-only linears need a bfloat16 model (activations run in bf16)")

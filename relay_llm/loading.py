@@ -99,9 +99,12 @@ def load(model: str = "default", dtype: str = "auto", device: str = "auto", kern
     """Load `model` and return `(model, tokenizer, fingerprint, kernel_info)`.
 
     model: "default" (packaged gemma-3-270m), a local HF folder, or a `.gguf` file.
-    dtype: "auto" (lossless: fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16", "int8" (weight-only
-    int8 linears, bf16 activations and K/V) or "fast" (`fast_dtype()`: this machine's fastest precision whose
-    measured fidelity cost is small, see docs/benchmarks.md "Decode").
+    dtype: "auto" (lossless: fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16", "int8" (int8 weights:
+    on relay-llm's GEMV with fp32 activations and K/V where its kernels build, each weight's exact int8 grid
+    where it has one, else quantised; elsewhere torch's weight-only int8 kernel with bf16 activations) or
+    "fast" (`fast_dtype()`: this machine's fastest precision whose measured fidelity cost is small, see
+    docs/benchmarks.md "Decode"). On CPU, fp32 decode reads weights that lie on an int8 grid (a model
+    converted from a block-quantised GGUF, like the default one) from that grid: lossless, a quarter the bytes.
     kernels: "auto" (the fastest linear kernel measured here, `relay_llm.kernels`), "packed" or "plain".
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -113,6 +116,8 @@ def load(model: str = "default", dtype: str = "auto", device: str = "auto", kern
         dtype = fast_dtype(dev)
     weights = "int8" if dtype == "int8" else "native"
     torch_dtype = _resolve_dtype(dtype, dev)
+    if weights == "int8" and dev.type == "cpu" and kernels == "auto" and not kernel_lib.native.unavailable():
+        torch_dtype = torch.float32  # int8 weights on relay-llm's GEMV, fp32 activations and K/V
     if model == "default":
         path = default_model_dir()
     else:
@@ -152,7 +157,8 @@ def fast_dtype(dev: torch.device | None = None) -> str:
     """The fastest precision measured to stay within 0.01 nats of fp32 (docs/benchmarks.md, "Decode").
 
     CUDA: bfloat16. A CPU that multiplies bf16 natively (AMX / AVX512-BF16): bfloat16, on oneDNN's
-    kernels. Any other CPU: int8 weight-only (its bf16 path is fast only through the int8 kernel).
+    kernels. Any other CPU: int8 weights (on relay-llm's GEMV: the default model's weights are int8 grids
+    already, so there it is lossless and as fast as "auto").
     """
     if dev is not None and dev.type == "cuda":
         return "bfloat16"

@@ -1,14 +1,18 @@
-"""Fast kernels (relay_llm.kernels, relay_llm.decoder) reproduce the plain path: HF's own layer forward on
-torch's default linears. fp32 to float rounding; bf16 and int8 within their precision, against fp32."""
+"""Fast kernels (relay_llm.kernels, relay_llm.native, relay_llm.decoder) reproduce the plain path: HF's own
+layer forward on torch's default linears. fp32 (and exact int8 grids) to float rounding; bf16 and lossy int8
+within their precision, against fp32."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from relay_llm import RelayEngine, kernels, loading
+from relay_llm import RelayEngine, grid, kernels, loading, native
 from relay_llm.decoder import LeanLayer
-from relay_llm.kernels import Int8Linear, PackedLinear, RowsOf
+from relay_llm.kernels import GemvLinear, Int8Linear, PackedLinear, RowsOf
 
-from .tiny import FAMILIES
+from .tiny import FAMILIES, make_model
+
+needs_native = pytest.mark.skipif(native.ops() is None, reason=f"no native kernels here: {native.unavailable()}")
 
 
 def _logits(engine: RelayEngine, ids: torch.Tensor, prefill: int) -> torch.Tensor:
@@ -22,14 +26,17 @@ def _logits(engine: RelayEngine, ids: torch.Tensor, prefill: int) -> torch.Tenso
 
 @pytest.fixture(scope="module")
 def engines(tiny_dirs):
-    """family -> {"plain", "packed"} fp32 engines and {"bf16", "int8"} engines of the same weights."""
+    """family -> {"plain", "packed", "auto"} fp32 engines, and {"bf16", "int8", "int8-bf16"} engines of the same
+    weights ("int8": auto, on relay-llm's GEMV where it builds; "int8-bf16": torch's int8 kernel, bf16)."""
     out = {}
     for family in FAMILIES:
         path = str(tiny_dirs[family])
         out[family] = {"plain": RelayEngine.load(path, dtype="float32", kernels="plain"),
                        "packed": RelayEngine.load(path, dtype="float32", kernels="packed"),
+                       "auto": RelayEngine.load(path, dtype="float32"),
                        "bf16": RelayEngine.load(path, dtype="bfloat16", kernels="packed"),
-                       "int8": RelayEngine.load(path, dtype="int8")}
+                       "int8": RelayEngine.load(path, dtype="int8"),
+                       "int8-bf16": RelayEngine.load(path, dtype="int8", kernels="packed")}
     yield out
     for group in out.values():
         for e in group.values():
@@ -54,16 +61,138 @@ def test_packed_lean_path_equals_plain_path_in_fp32(engines, family):
     assert (got - ref).abs().max().item() < 1e-4
 
 
+@needs_native
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gemv_lean_path_equals_plain_path_in_fp32(engines, family):
+    plain, fast = engines[family]["plain"], engines[family]["auto"]
+    assert fast.info()["kernels"] == "relay-gemv" and fast.fingerprint.dtype == "float32"
+    layer = fast.model.model.layers[0]
+    assert isinstance(fast.model.lm_head, GemvLinear) and not fast.model.lm_head.grid  # random weights: no grid
+    assert isinstance(layer.mlp.up_proj, RowsOf) and isinstance(layer.mlp.up_proj.fused, GemvLinear)
+    ids = torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(4))
+    want, got = _logits(plain, ids, 32), _logits(fast, ids, 32)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@needs_native
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_weights_on_an_int8_grid_run_on_it_losslessly(tmp_path, family):
+    """A model whose fp32 weights were dequantised from int8 grids (as the default model's GGUF) decodes from
+    the grids: every linear is read as int8, and the logits equal the plain fp32 path's."""
+    path = str(make_model(family, tmp_path / family, on_grid=True))
+    plain = RelayEngine.load(path, dtype="float32", kernels="plain")
+    fast = RelayEngine.load(path, dtype="float32")
+    try:
+        linears = [m for m in fast.model.modules() if isinstance(m, GemvLinear)]
+        assert linears and all(m.grid for m in linears), fast.info()["kernels_note"]
+        assert "on exact int8 grids" in fast.info()["kernels_note"] and fast.fingerprint.dtype == "float32"
+        ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(6))
+        want, got = _logits(plain, ids, 24), _logits(fast, ids, 24)
+        assert (got - want).abs().max().item() < 1e-4
+    finally:
+        plain.close()
+        fast.close()
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bf16_and_int8_stay_close_to_fp32(engines, family):
     ids = torch.randint(3, 500, (48,), generator=torch.Generator().manual_seed(5))
     ref = torch.log_softmax(_logits(engines[family]["plain"], ids, 32), -1)
-    for name in ("bf16", "int8"):
+    for name in ("bf16", "int8", "int8-bf16"):
         got = torch.log_softmax(_logits(engines[family][name], ids, 32), -1)
         kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
         assert kl < 0.02, (name, kl)
-    assert isinstance(engines[family]["int8"].model.lm_head, Int8Linear)
-    assert engines[family]["int8"].fingerprint.dtype == "int8"  # its K/V never mix with bf16's
+    assert isinstance(engines[family]["int8-bf16"].model.lm_head, Int8Linear)
+    if native.ops() is not None:  # int8 weights on relay-llm's GEMV: quantised grids, fp32 activations
+        head = engines[family]["int8"].model.lm_head
+        assert isinstance(head, GemvLinear) and head.grid and engines[family]["int8"].executor.dtype == torch.float32
+    for name in ("int8", "int8-bf16"):
+        assert engines[family][name].fingerprint.dtype == "int8"  # their K/V never mix with fp32's or bf16's
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9])
+def test_gemv_kernels_equal_f_linear(rows):
+    """Every tile shape (4, 2, 1 activation rows; a partial block of weight rows), group sizes with a fixed
+    and a run-time chunk count, offsets and bias; more than GEMV_ROWS rows go to F.linear."""
+    ops = native.ops()
+    gen = torch.Generator().manual_seed(rows)
+    for n, k, size, offset in ((13, 64, 32, False), (30, 96, 16, True), (9, 40, 40, True), (64, 128, 32, True)):
+        w = torch.randn(n, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        x = torch.randn(rows, k, generator=gen)
+        got = ops.gemv_f32(x, w, bias)
+        assert (got - F.linear(x, w, bias)).abs().max().item() < 1e-4
+        g = grid.quantize(w, size)
+        if offset:
+            g.offset = torch.randn(n, k // size, generator=gen)
+        dense = g.dequantised()
+        got = ops.gemv_grid(x, kernels.pack(g.q), g.scale, g.offset, bias)
+        assert (got - F.linear(x, dense, bias)).abs().max().item() < 1e-4
+        lin = torch.nn.Linear(k, n)
+        module = GemvLinear(lin, g, dense)
+        assert (module(x[None]) - F.linear(x[None], dense, lin.bias)).abs().max().item() < 1e-4
+        assert module(x[None]).shape == (1, rows, n)
+
+
+@needs_native
+def test_native_rms_norm_equals_torch():
+    ops = native.ops()
+    for shape in ((1, 1, 640), (1, 5, 4, 256), (3, 64)):
+        x, w = torch.randn(shape), torch.randn(shape[-1])
+        assert (ops.rms_norm(x, w, 1e-6) - F.rms_norm(x, (shape[-1],), w, 1e-6)).abs().max().item() < 1e-5
+
+
+def _ggml_like(kind: str, n: int = 8, k: int = 64) -> torch.Tensor:
+    """fp32 weights the way GGUF block formats dequantise: fp16 block scales times small integers."""
+    gen = torch.Generator().manual_seed(len(kind))
+    if kind == "q8_0":  # q in [-127, 127], the block's largest weight at +-127
+        q = torch.randint(-127, 128, (n, k // 32, 32), generator=gen).float()
+        q[..., 0] = 127
+        d = (torch.rand(n, k // 32, 1, generator=gen) / 100).half().float()
+        return (q * d).view(n, k)
+    if kind == "q5_0":  # q - 16 in [-16, 15]
+        q = torch.randint(-16, 16, (n, k // 32, 32), generator=gen).float()
+        d = (torch.rand(n, k // 32, 1, generator=gen) / 50).half().float()
+        return (q * d).view(n, k)
+    if kind == "q6_k":  # groups of 16 with their own int scales, q - 32 in [-32, 31], max not always hit
+        q = torch.randint(-20, 21, (n, k // 16, 16), generator=gen).float()
+        sc = torch.randint(1, 64, (n, k // 16, 1), generator=gen).float()
+        d = (torch.rand(n, 1, 1, generator=gen) / 1000).half().float()
+        return (q * (d * sc)).view(n, k)
+    if kind == "q4_k":  # w = d * sc * q - dmin * m, q in [0, 15]: one fp32 rounding per weight
+        q = torch.randint(0, 16, (n, k // 32, 32), generator=gen).float()
+        a = (torch.rand(n, k // 32, 1, generator=gen) / 100).half().float()
+        b = (torch.rand(n, k // 32, 1, generator=gen) / 10).half().float()
+        return (a * q - b).view(n, k)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind,size,offset", [("q8_0", 32, False), ("q5_0", 32, False), ("q6_k", 16, False),
+                                              ("q4_k", 32, True)])
+def test_find_grid_recovers_gguf_block_formats(kind, size, offset):
+    w = _ggml_like(kind)
+    g = grid.find_grid(w)
+    assert g is not None and g.group == size and (g.offset is not None) == offset
+    assert g.q.dtype == torch.int8 and g.q.abs().max() <= 127
+    if offset:
+        assert ((g.dequantised() - w).abs() <= w.abs().amax() * grid.TOLERANCE).all()
+    else:
+        assert torch.equal(g.dequantised(), w)  # bit for bit
+
+
+def test_find_grid_refuses_weights_on_no_grid():
+    assert grid.find_grid(torch.randn(16, 64)) is None
+    assert grid.find_grid(torch.randn(4, 20)) is None  # no group size divides 20
+    w = _ggml_like("q8_0")
+    w[3, 5] += 1e-4  # one weight off the grid
+    assert grid.find_grid(w) is None
+
+
+def test_quantize_is_within_half_a_step():
+    w = torch.randn(8, 64)
+    g = grid.quantize(w, 32)
+    assert ((g.dequantised() - w).abs() <= g.scale.repeat_interleave(32, 1) / 2 + 1e-7).all()
 
 
 def test_int8_linear_is_the_dequantised_product():
@@ -109,24 +238,38 @@ def test_fast_dtype_follows_the_cpu(monkeypatch):
     assert loading.fast_dtype(torch.device("cuda")) == "bfloat16"
 
 
+def test_without_native_kernels_auto_takes_torchs_and_says_why(tiny_dirs, monkeypatch):
+    # Mock: a CPU without AVX2 / a machine without a compiler cannot be had here; native reports it unavailable.
+    monkeypatch.setattr(native, "unavailable", lambda: "relay-llm CPU kernels unavailable: the CPU lacks AVX2 or FMA")
+    model, _, fp, info = loading.load(str(tiny_dirs["llama"]), dtype="float32")
+    assert info.path in ("onednn-packed", "plain") and fp.dtype == "float32"
+    assert not any(isinstance(m, GemvLinear) for m in model.modules())
+    model, _, fp, info = loading.load(str(tiny_dirs["llama"]), dtype="int8")
+    assert info.path == "int8-weight-only" and next(model.parameters()).dtype == torch.bfloat16
+
+
 def test_bad_kernel_settings(tiny_dirs):
     with pytest.raises(ValueError, match="unknown kernels"):
         loading.load(str(tiny_dirs["llama"]), kernels="fastest")
     fp32_model = loading.load(str(tiny_dirs["llama"]), dtype="float32", kernels="plain")[0]
     with pytest.raises(ValueError, match="int8 weight-only linears need a bfloat16 model"):
-        kernels.accelerate(fp32_model, weights="int8")
+        kernels.accelerate(fp32_model, weights="int8", kernels="packed")
 
 
 @pytest.mark.real_model
 def test_real_model_fast_paths_equal_plain(default_engine):
-    """The default model: packed + lean fp32 equals the plain path to fp32 rounding; prefill and decode."""
+    """The default model: packed + lean fp32, and auto (relay-llm's GEMV on the GGUF's own int8 grids, every
+    linear), equal the plain path to fp32 rounding; prefill and decode."""
     packed = RelayEngine.load("default", dtype="float32", kernels="packed")
     plain = RelayEngine.load("default", dtype="float32", kernels="plain")
     try:
         ids = torch.tensor(default_engine.render([{"role": "user", "content": "Write a spec for a word counter."}]))
         ids = torch.cat([ids, torch.tensor([2094, 603, 476, 1105, 235265, 714])])
         want = _logits(plain, ids, len(ids) - 6)
-        for engine in (packed, default_engine):  # forced packed, and whatever "auto" measured fastest here
+        if native.ops() is not None:
+            linears = [m for m in default_engine.model.modules() if isinstance(m, GemvLinear)]
+            assert len(linears) == 73 and all(m.grid for m in linears)  # 18 x (qkv, o, gate_up, down) + head
+        for engine in (packed, default_engine):  # forced packed, and whatever "auto" chose here
             got = _logits(engine, ids, len(ids) - 6)
             assert (got - want).abs().max().item() < 2e-3
             assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -64,8 +64,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
                                    additional_special_tokens=SPECIALS[1:])
 
 
-def make_model(family: str, folder: Path, seed: int = 0, **config_overrides) -> Path:
-    """Save a random tiny `family` model plus tokenizer in `folder` and return it."""
+def make_model(family: str, folder: Path, seed: int = 0, on_grid: bool = False, **config_overrides) -> Path:
+    """Save a random tiny `family` model plus tokenizer in `folder` and return it. on_grid: every matrix
+    dequantised from an int8 grid of group 32 (`relay_llm.grid.quantize`), as a model converted from a
+    Q8_0 GGUF is."""
     cls, make_config = FAMILIES[family]
     config = make_config()
     for k, v in config_overrides.items():
@@ -77,6 +79,12 @@ def make_model(family: str, folder: Path, seed: int = 0, **config_overrides) -> 
             if p.dim() > 1:
                 p.normal_(0, 0.08)
         model.lm_head.weight[: len(SPECIALS)] = 0  # special tokens (EOS, end of turn) stay unlikely
+        if on_grid:
+            from relay_llm.grid import quantize
+
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(quantize(p, 32).dequantised())
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder

@@ -220,7 +220,8 @@ class LlamaCpp:
         return peer_chain(self.engine, generate)
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::bmm"}
+MATMUL_OPS = {"relay_llm::gemv_f32", "relay_llm::gemv_grid",
+              "aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::bmm"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
 
 
@@ -300,7 +301,7 @@ def main() -> None:
                                            0 if args.skip_chain else args.chain_tokens)))
     if args.fidelity_of:
         outputs = json.loads(Path(args.fidelity_of).read_text())
-        ref = RelayEngine.load("default", dtype="float32")
+        ref = RelayEngine.load("default", dtype="float32", kernels="plain")  # the reference path: torch, HF layers
         result = {}
         for p in args.precisions.split(","):
             fresh = RelayEngine.load("default", dtype=p)  # an empty store: spans come only from these prompts
@@ -373,6 +374,8 @@ def one_system(only: str, sizes: list[int], n: int, chain_tokens: int) -> dict:
         out["breakdown"] = step_breakdown(engine, prompt_ids(engine, 200), n)
     if chain_tokens:
         out["chain"] = system.chain(chain_tokens)
+    if isinstance(system, RelaySystem):
+        engine.close()  # end the model thread before the interpreter exits
     return out
 
 

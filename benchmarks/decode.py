@@ -222,7 +222,8 @@ class LlamaCpp:
 
 MATMUL_OPS = {"relay_llm::gemv_f32", "relay_llm::gemv_grid",
               "aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::bmm"}
-ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
+ATTENTION_OPS = {"relay_llm::attend_one",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
 
 
 def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:

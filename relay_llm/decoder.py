@@ -30,7 +30,7 @@ class _Norm:
         self.gemma = gemma
         w = module.weight.detach()
         self.weight = (1.0 + w.float()) if gemma else w
-        ops = native.ops() if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" else None
+        ops = _native_ops(module)
         self.fused = ops.rms_norm if ops is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +63,12 @@ def _fused(*parts: nn.Module) -> tuple[nn.Module, list[int]] | None:
     return parts[0].fused, [p.hi - p.lo for p in parts]
 
 
+def _native_ops(module: nn.Module):
+    """relay-llm's native ops where `module`'s weights are fp32 on CPU and the ops are built, else None."""
+    w = next(module.parameters())
+    return native.ops() if w.dtype == torch.float32 and w.device.type == "cpu" else None
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX (rotate-half) RoPE. x: [1, heads, n, d]; cos, sin: [1, 1, n, d]."""
     half = x.shape[-1] // 2
@@ -84,6 +90,7 @@ class LeanLayer:
         self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        self.ops = _native_ops(layer)  # fp32 on CPU: RoPE and one-query attention as single native calls
         self.gqa = attn.num_key_value_groups > 1
         self.input_norm = _Norm(layer.input_layernorm, gemma)
         self.q_norm = _Norm(attn.q_norm, gemma) if hasattr(attn, "q_norm") else None
@@ -108,11 +115,22 @@ class LeanLayer:
         q, k, v = (t.reshape(1, n, -1, self.head_dim) for t in (q, k, v))
         if self.q_norm is not None:  # per head, before the transpose: rows stay contiguous
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.ops is not None:  # [1, n, heads, d], cos/sin [1, n, d]
+            c, s = (t.contiguous() for t in position_embeddings)
+            q, k = self.ops.rope(q.contiguous(), c, s), self.ops.rope(k.contiguous(), c, s)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def _attend(self, q: torch.Tensor, cache, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-        """Scatter k, v into `cache`, attend q over what it hands back -> [1, heads, n, d]."""
+        """Scatter k, v into `cache`, attend q over what it hands back -> [1, heads, n, d]. One query without a
+        mask (decode) attends natively over the visible slots, where the native ops run."""
+        if self.ops is not None and mask is None and q.shape[2] == 1 and hasattr(cache, "store"):
+            keys, values = cache.store(k, v, self.idx)
+            heads = q.shape[1]
+            out = self.ops.attend_one(q.reshape(heads, self.head_dim), keys, values, cache.lo, cache.length,
+                                      self.scaling)
+            return out.view(1, heads, 1, self.head_dim)
         keys, values = cache.update(k, v, self.idx)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa)
 

@@ -54,12 +54,17 @@ class _ScatterCache:
     def __init__(self, kv: KVBuffers, slots: torch.Tensor | slice, lo: int, length: int):
         self.kv, self.slots, self.lo, self.length = kv, slots, lo, length
 
+    def store(self, key_states, value_states, layer_idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scatter key_states, value_states [1, kv_heads, n_active, head_dim]; return the layer's whole
+        buffers, keys and values [kv_heads, capacity, head_dim] (visible: slots [lo, length))."""
+        keys, values = self.kv.keys[layer_idx], self.kv.values[layer_idx]
+        keys[:, self.slots] = key_states[0]
+        values[:, self.slots] = value_states[0]
+        return keys, values
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        # key_states: [1, kv_heads, n_active, head_dim]
-        self.kv.keys[layer_idx][:, self.slots] = key_states[0]
-        self.kv.values[layer_idx][:, self.slots] = value_states[0]
-        return (self.kv.keys[layer_idx, :, self.lo : self.length].unsqueeze(0),
-                self.kv.values[layer_idx, :, self.lo : self.length].unsqueeze(0))
+        keys, values = self.store(key_states, value_states, layer_idx)
+        return keys[:, self.lo : self.length].unsqueeze(0), values[:, self.lo : self.length].unsqueeze(0)
 
 
 @dataclass

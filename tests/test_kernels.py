@@ -143,6 +143,24 @@ def test_native_rms_norm_equals_torch():
         assert (ops.rms_norm(x, w, 1e-6) - F.rms_norm(x, (shape[-1],), w, 1e-6)).abs().max().item() < 1e-5
 
 
+@needs_native
+def test_native_rope_and_one_query_attention_equal_torch():
+    from relay_llm.decoder import _rotate
+
+    ops = native.ops()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 5, 4, 64, generator=gen)
+    cos, sin = torch.randn(1, 5, 64, generator=gen), torch.randn(1, 5, 64, generator=gen)
+    want = _rotate(x.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)).transpose(1, 2)
+    assert (ops.rope(x, cos, sin) - want).abs().max().item() < 1e-5
+    for heads, kv_heads, d, lo, end in ((4, 1, 256, 0, 37), (8, 2, 60, 5, 9), (2, 2, 16, 0, 1)):
+        q = torch.randn(heads, d, generator=gen)
+        k, v = torch.randn(kv_heads, 40, d, generator=gen), torch.randn(kv_heads, 40, d, generator=gen)
+        want = F.scaled_dot_product_attention(q[None, :, None], k[None, :, lo:end], v[None, :, lo:end], scale=0.3,
+                                              enable_gqa=True)[0, :, 0]
+        assert (ops.attend_one(q, k, v, lo, end, 0.3) - want).abs().max().item() < 1e-5
+
+
 def _ggml_like(kind: str, n: int = 8, k: int = 64) -> torch.Tensor:
     """fp32 weights the way GGUF block formats dequantise: fp16 block scales times small integers."""
     gen = torch.Generator().manual_seed(len(kind))

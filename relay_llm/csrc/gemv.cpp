@@ -2,6 +2,9 @@
 //
 //   relay_llm::gemv_f32(x [B, K] f32, w [N, K] f32, bias [N] f32 | None)                  -> y [B, N] f32
 //   relay_llm::rms_norm(x [..., D] f32, w [D] f32, eps)             -> x / sqrt(mean(x^2) + eps) * w, f32
+//   relay_llm::rope(x [1, n, heads, d] f32, cos [1, n, d], sin [1, n, d])  -> NeoX (rotate-half) RoPE of x
+//   relay_llm::attend_one(q [H, d] f32, k [kvh, cap, d], v [kvh, cap, d], lo, end, scale)
+//                                     -> [H, d]: one query per head over slots [lo, end), GQA, no mask
 //   relay_llm::gemv_grid(x [B, K] f32, q [ceil(N/4), K/8, 4, 8] int8, scale [N, K/G] f32,
 //                        offset [N, K/G] f32 | None, bias [N] f32 | None)                  -> y [B, N] f32
 //
@@ -20,7 +23,9 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 #include <type_traits>
 
 namespace {
@@ -220,16 +225,101 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// y = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2]); cos/sin per token, shared by heads.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == 1 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x: contiguous [1, n, heads, d] float32");
+  int64_t n = x.size(1), heads = x.size(2), d = x.size(3), half = d / 2;
+  TORCH_CHECK(d % 2 == 0, "d must be even");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n * d, "cos, sin: [1, n, d] float32");
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t) {
+    const float *c = cp + t * d, *s = sp + t * d;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* xr = xp + (t * heads + h) * d;
+      float* yr = yp + (t * heads + h) * d;
+      for (int64_t i = 0; i < half; ++i) {
+        float a = xr[i], b = xr[i + half];
+        yr[i] = a * c[i] + (-b) * s[i];
+        yr[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+  return y;
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Softmax attention of one query per head: scores in fp32, max-subtracted, then the weighted sum of values.
+at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t lo, int64_t end,
+                      double scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous [H, d] float32");
+  TORCH_CHECK(k.dim() == 3 && k.scalar_type() == at::kFloat && k.is_contiguous() && v.sizes() == k.sizes() &&
+              v.scalar_type() == at::kFloat && v.is_contiguous(), "k, v: contiguous [kv_heads, capacity, d] float32");
+  int64_t H = q.size(0), d = q.size(1), kvh = k.size(0), cap = k.size(1);
+  TORCH_CHECK(k.size(2) == d && H % kvh == 0, "q and k disagree on d, or heads are not a multiple of kv heads");
+  TORCH_CHECK(0 <= lo && lo < end && end <= cap, "need 0 <= lo < end <= capacity");
+  int64_t L = end - lo, group = H / kvh;
+  at::Tensor y = at::empty({H, d}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<float> p(L);
+    for (int64_t h = begin; h < stop; ++h) {
+      const float* qh = qp + h * d;
+      const float* kh = kp + ((h / group) * cap + lo) * d;
+      const float* vh = vp + ((h / group) * cap + lo) * d;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) {
+        p[j] = dot(qh, kh + j * d, d) * sc;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < L; ++j) {
+        p[j] = std::exp(p[j] - mx);
+        sum += p[j];
+      }
+      float* out = yp + h * d;
+      std::fill(out, out + d, 0.0f);
+      for (int64_t j = 0; j < L; ++j) {
+        const float* vr = vh + j * d;
+        __m256 w = _mm256_set1_ps(p[j]);
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(out + i)));
+        for (; i < d; ++i) out[i] += p[j] * vr[i];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(relay_llm, m) {
   m.def("gemv_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("gemv_grid(Tensor x, Tensor q, Tensor scale, Tensor? offset, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("attend_one(Tensor q, Tensor k, Tensor v, int lo, int end, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(relay_llm, CPU, m) {
   m.impl("gemv_f32", gemv_f32);
   m.impl("gemv_grid", gemv_grid);
   m.impl("rms_norm", rms_norm);
+  m.impl("rope", rope);
+  m.impl("attend_one", attend_one);
 }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .kernels import RowsOf
+from .kernels import RowsOf, native_unavailable
 
 
 class _Norm:
@@ -64,9 +64,8 @@ def _fused(*parts: nn.Module) -> tuple[nn.Module, list[int]] | None:
 
 
 def _native_ops(module: nn.Module):
-    """relay-llm's native ops where `module`'s weights are fp32 on CPU and the ops are built, else None."""
-    w = next(module.parameters())
-    return native.ops() if w.dtype == torch.float32 and w.device.type == "cpu" else None
+    """relay-llm's native ops where `module` can run on them (`kernels.native_unavailable`), else None."""
+    return None if native_unavailable(module) else native.ops()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,8 @@ class GemvLinear(nn.Module):
         if grid is not None:
             self.register_buffer("q", pack(grid.q), persistent=False)
             self.register_buffer("scale", grid.scale.contiguous(), persistent=False)
-            self.offset = None if grid.offset is None else grid.offset.contiguous()
+            self.register_buffer("offset", None if grid.offset is None else grid.offset.contiguous(),
+                                 persistent=False)
         self._ops = native.ops()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,9 +258,9 @@ def _plain_is_faster(linears: list[nn.Linear], repeats: int = 5) -> bool:
         return best(linears) < best(packed)
 
 
-def gemv_available(model) -> str:
-    """'' where `accelerate` can put `model`'s linears on relay-llm's GEMV (an fp32 model on a CPU where the
-    kernels build), else why not."""
+def native_unavailable(model: nn.Module) -> str:
+    """'' where `model` (or a layer of it) can run on relay-llm's native ops (fp32 weights on a CPU where the
+    kernels build): `accelerate`'s GEMV, and the lean layers' norms, RoPE and attention; else why not."""
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         return f"relay-llm's GEMV runs fp32 on CPU, not {param.dtype} on {param.device.type}"
@@ -308,7 +309,7 @@ def accelerate(model, weights: str = "native", kernels: str = "auto") -> KernelI
     param = next(model.parameters())
     dtype_name = str(param.dtype).removeprefix("torch.")
     cpu = tuple(sorted(cpu_flags()))
-    if kernels == "auto" and not gemv_available(model):
+    if kernels == "auto" and not native_unavailable(model):
         return _accelerate_gemv(model, lossy=weights == "int8", cpu=cpu)
     if weights == "int8":
         if param.dtype != torch.bfloat16:

@@ -35,16 +35,16 @@ def _build() -> None:
         raise RuntimeError("RELAY_LLM_NATIVE=0 set")
     if not {"avx2", "fma"} <= flags:
         raise RuntimeError("the CPU lacks AVX2 or FMA")
-    import ninja  # the build tool torch's extension builder runs; a dependency of relay-llm
-    from torch.utils import cpp_extension
-
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(flags)).encode()).hexdigest()[:12]
     build_dir = cache_dir() / "kernels" / tag
     build_dir.mkdir(parents=True, exist_ok=True)
     built = build_dir / "relay_llm_gemv.so"
     if not built.exists():
+        import ninja  # the build tool torch's extension builder runs; a dependency of relay-llm
+        from torch.utils import cpp_extension
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         log.info("relay-llm: compiling CPU kernels into %s (once per machine)", build_dir)
         cpp_extension.load(name="relay_llm_gemv", sources=[str(_SOURCE)], build_directory=str(build_dir),
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],

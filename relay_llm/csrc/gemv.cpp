@@ -10,7 +10,7 @@
 //
 // gemv_grid reads weights stored on a grid: w[n, k] = scale[n, g] * q[n, k] + offset[n, g], g = k / G, with
 // q packed in blocks of 4 rows (rows past N zero): q[n / 4, k / 8, n % 4, k % 8], so that a block's 4 rows
-// stream from one run of memory, 8 weights of each row at a time (`pack_grid` in kernels.py). It
+// stream from one run of memory, 8 weights of each row at a time (`kernels.pack`). It
 // computes y[b, n] = sum_g scale[n, g] * (sum_{k in g} x[b, k] q[n, k]) + offset[n, g] * (sum_{k in g} x[b, k]),
 // all in fp32: the product with the dequantised weight, up to summation order. G is a multiple of 8.
 // Rows of w are split across torch's intra-op (OpenMP) threads; a thread accumulates R weight rows x T
@@ -131,8 +131,8 @@ inline void tile(const GridWeights& w, const Args& a, int64_t n0, int64_t b0) {
 
 // Register budget (16 ymm): fp32 tiles hold R x T accumulators; grid tiles twice that (partial sums).
 template <class W> struct Shape;
-template <> struct Shape<F32Weights> { static constexpr int R1 = 4, R2 = 4, R4 = 2; };
-template <> struct Shape<GridWeights> { static constexpr int R1 = 4, R2 = 2, R4 = 1; };
+template <> struct Shape<F32Weights> { static constexpr int R2 = 4, R4 = 2; };
+template <> struct Shape<GridWeights> { static constexpr int R2 = 2, R4 = 1; };
 
 // Weight rows [n0, n0 + R) against every activation row: activation rows 4, 2, then 1 at a time.
 template <int R, class W>

@@ -63,6 +63,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (default: 8)")
     p.add_argument("--max-queue", type=_positive_int, default=64,
                    help="generations that may wait beyond the batch; more get a 429 (default: 64)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="share the segment store with other replicas through Redis: redis://host:port/db "
+                   "(default: in memory; see docs/scaleout.md)")
 
 
 def _serve_run(args: argparse.Namespace) -> int:
@@ -72,7 +75,7 @@ def _serve_run(args: argparse.Namespace) -> int:
         print(f"relay-llm serve needs the server extra: pip install 'relay-llm[server]' ({exc})", file=sys.stderr)
         return 2
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-          max_batch=args.max_batch, max_queue=args.max_queue)
+          max_batch=args.max_batch, max_queue=args.max_queue, store_url=args.store)
     return 0
 
 

@@ -52,7 +52,9 @@ class EngineConfig:
     message (split at special / turn-marker tokens), skipping stretches shorter than prompt_segment_min_tokens
     and cutting longer ones than prompt_segment_max_tokens. store_dtype: dtype of stored segment K/V and
     hidden states (None = the model's; "bfloat16" halves an fp32 model's store). persist_dir: opt-in folder
-    where segments are written (safetensors + JSON index) and reloaded from on start.
+    where segments are written (safetensors + JSON index) and reloaded from on start. store_url:
+    "redis://host:port/db" shares the segment store with every engine on that Redis (relay_llm.redis_store;
+    store_budget_bytes then bounds this replica's index and hot-blob cache); None keeps it in memory.
     """
 
     default_schedule: str | None = None
@@ -64,6 +66,7 @@ class EngineConfig:
     prompt_segment_max_tokens: int = 512
     store_dtype: str | None = None
     persist_dir: str | None = None
+    store_url: str | None = None
     capture_layer: int | None = None
     relay: dict = field(default_factory=dict)
     max_context: int | None = None  # default: the model's max_position_embeddings
@@ -199,8 +202,7 @@ class RelayEngine:
         ensure_template(tokenizer, model.config.model_type)
         self.eos_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.max_context = self.config.max_context or model.config.max_position_embeddings
-        self.store = SegmentStore(self.config.store_budget_bytes, self.config.min_match_tokens,
-                                  persist_dir=self._persist_folder())
+        self.store = self._open_store()
         self.prefix_cache = PrefixCache(self.config.prefix_budget_bytes)
         self._store_dtype = getattr(torch, self.config.store_dtype) if self.config.store_dtype else None
         # Prompt chunks stored as prefill segments end at these ids (special tokens, chat turn markers).
@@ -209,6 +211,7 @@ class RelayEngine:
             vocab[t] for t in TURN_MARKERS if t in vocab}
         self._tok_lock = threading.Lock()
         self.set_profile(find_profile(fingerprint))
+        self.store.connect(self.store_fingerprint)  # a shared store starts syncing; the in-memory one: no-op
         if self.store.files is not None:
             self.store.load_persisted(self.store_fingerprint)
         self._worker = worker or Scheduler()
@@ -280,6 +283,7 @@ class RelayEngine:
 
     def close(self) -> None:
         self._worker.close()
+        self.store.close()
 
     # ---- rendering -----------------------------------------------------------------------------
 
@@ -433,6 +437,18 @@ class RelayEngine:
         """What stored K/V must carry to be spliced here: model weights, dtype and profile version."""
         profile = self.profile.version_key if getattr(self, "profile", None) else "no-profile"
         return f"{self.fingerprint.key()}|{profile}"
+
+    def _open_store(self) -> SegmentStore:
+        """The segment store: in memory, or shared through Redis when config.store_url is set."""
+        cfg = self.config
+        args = (cfg.store_budget_bytes, cfg.min_match_tokens, self._persist_folder())
+        if not cfg.store_url:
+            return SegmentStore(*args)
+        if not cfg.store_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"store_url must be a redis:// (rediss://, unix://) URL, got {cfg.store_url!r}")
+        from .redis_store import RedisSegmentStore
+
+        return RedisSegmentStore(cfg.store_url, *args)
 
     def _persist_folder(self) -> str | None:
         """persist_dir/<hash of the model fingerprint>: one folder per model and dtype (None: no persistence)."""

@@ -27,10 +27,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save
-
 from .store import Segment
+from .wire import segment_bytes, segment_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +47,6 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 class SegmentFiles:
@@ -90,10 +80,7 @@ class SegmentFiles:
 
     def write(self, seg: Segment, key: str) -> None:
         """Write `seg`'s file (atomically) and record it; the index is written by `commit`."""
-        meta = {"fingerprint": seg.fingerprint, "kind": seg.kind, "start_pos": str(seg.start_pos),
-                "hidden_layer": str(seg.hidden_layer)}
-        tensors = {name: t.detach().contiguous().cpu() for name, t in seg.tensors().items()}
-        blob = save(tensors, metadata=meta)
+        blob = segment_bytes(seg)
         path = self.path(key)
         _atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
         self._seq += 1
@@ -148,19 +135,13 @@ class SegmentFiles:
         path = self.path(key)
         if not path.exists():
             raise FileNotFoundError(f"{path.name} is missing")
-        size = path.stat().st_size
-        if size != entry.get("file_bytes"):
-            raise ValueError(f"{path.name} has {size} bytes, the index says {entry.get('file_bytes')}")
-        if _crc32(path) != entry.get("crc32"):
+        blob = path.read_bytes()
+        if len(blob) != entry.get("file_bytes"):
+            raise ValueError(f"{path.name} has {len(blob)} bytes, the index says {entry.get('file_bytes')}")
+        if zlib.crc32(blob) != entry.get("crc32"):
             raise ValueError(f"{path.name} fails its CRC-32 check")
-        t = load_file(str(path))
-        ids, keys, values = t["token_ids"], t["keys"], t["values"]
-        n = entry["tokens"]
-        hidden = t.get("hidden")
-        if ids.shape != (n,) or keys.shape != values.shape or keys.shape[2] != n or (
-                hidden is not None and hidden.shape[0] != n):
-            raise ValueError(f"{path.name} has inconsistent shapes")
-        return Segment(token_ids=ids.to(torch.long), keys=keys, values=values, start_pos=int(entry["start_pos"]),
-                       fingerprint=entry["fingerprint"], kind=entry["kind"], hidden=hidden,
-                       hidden_layer=int(entry["hidden_layer"]), hits=int(entry.get("hits", 0)),
-                       reused_tokens=int(entry.get("reused_tokens", 0)))
+        seg, _ = segment_from_bytes(blob)
+        if len(seg) != entry["tokens"] or seg.fingerprint != entry["fingerprint"]:
+            raise ValueError(f"{path.name} disagrees with the index")
+        seg.hits, seg.reused_tokens = int(entry.get("hits", 0)), int(entry.get("reused_tokens", 0))
+        return seg

@@ -73,8 +73,8 @@ class Segment:
     """
 
     token_ids: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: torch.Tensor | None  # None (with values and hidden): an index entry whose K/V live in a shared store
+    values: torch.Tensor | None
     start_pos: int
     fingerprint: str
     kind: str = "decode"
@@ -104,10 +104,8 @@ class Segment:
         return self.nbytes + self.index_bytes
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"token_ids": self.token_ids, "keys": self.keys, "values": self.values}
-        if self.hidden is not None:
-            out["hidden"] = self.hidden
-        return out
+        out = {"token_ids": self.token_ids, "keys": self.keys, "values": self.values, "hidden": self.hidden}
+        return {name: t for name, t in out.items() if t is not None}
 
     @property
     def content_key(self) -> str:
@@ -295,10 +293,7 @@ class SegmentStore:
         hi = len(ids) if hi is None else hi
         with self._lock:
             prompt = np.asarray(ids, dtype=np.int64)
-            accept = None
-            if fingerprint is not None:
-                segs = self._segments
-                accept = lambda sid: segs[sid].fingerprint == fingerprint  # noqa: E731
+            accept = self._acceptor(fingerprint)
             runs = self._index.runs(prompt, lo, hi, self._tokens.get, accept)
             out = select(runs, self.k)
             for m in out:
@@ -307,6 +302,13 @@ class SegmentStore:
             if touch:
                 self.touch(out)
             return out
+
+    def _acceptor(self, fingerprint: str | None):
+        """The test `find` applies to candidate segment ids (None: every segment)."""
+        if fingerprint is None:
+            return None
+        segs = self._segments
+        return lambda sid: segs[sid].fingerprint == fingerprint
 
     def touch(self, matches: list[Match]) -> None:
         """Record that `matches` were reused: hit counters and eviction priority."""
@@ -323,6 +325,14 @@ class SegmentStore:
                 seg.reused_tokens += m.length
                 self.stats.reused_tokens += m.length
                 self._set_priority(seg)
+
+    # ---- shared backends (relay_llm.redis_store) ------------------------------------------------
+
+    def connect(self, fingerprint: str) -> None:
+        """Start sharing segments made with `fingerprint` (a shared backend); the in-memory store has none."""
+
+    def close(self) -> None:
+        """Stop any background work of a shared backend."""
 
     # ---- persistence ---------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="generations that may wait beyond the batch; more get a 429 (default 64)")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="share the segment store with other replicas: redis://host:port/db (default: in memory)")
     return parser
 
 
@@ -25,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     from .app import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-          device=args.device, model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue)
+          device=args.device, model_id=args.model_id, max_batch=args.max_batch, max_queue=args.max_queue,
+          store_url=args.store)
 
 
 if __name__ == "__main__":

@@ -213,8 +213,9 @@ def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str |
         200: {"description": "Prometheus text exposition format", "content": {prom.CONTENT_TYPE: {}}},
         **_errors(401)})
     async def metrics() -> PlainTextResponse:
-        text = state.metrics.render(state.engine.store.stats, state.engine.prefix_cache.bytes,
-                                    state.engine.load_stats())
+        store = state.engine.store
+        text = state.metrics.render(store.stats, state.engine.prefix_cache.bytes, state.engine.load_stats(),
+                                    shared=getattr(store, "shared", None))
         return PlainTextResponse(text, media_type=prom.CONTENT_TYPE)
 
     known = frozenset(getattr(r, "path", "") for r in app.routes)
@@ -227,15 +228,22 @@ def create_app(engine_or_model: RelayEngine | str = "default", *, api_key: str |
 
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str = "auto", device: str = "auto", model_id: str | None = None, log_level: str = "info",
-          max_batch: int = 8, max_queue: int = 64) -> None:
+          max_batch: int = 8, max_queue: int = 64, store_url: str | None = None) -> None:
     """Load `model` and serve the OpenAI-compatible API with uvicorn until interrupted (loopback by default).
 
     api_key: None reads `RELAY_LLM_API_KEY` from the environment (unset or empty: no authentication).
+    store_url: "redis://host:port/db" shares the segment store with every replica on that Redis.
     """
     import uvicorn
 
+    engine_log = logging.getLogger("relay_llm")  # the engine's own lines (kernels, shared store) beside uvicorn's
+    if not engine_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
     api_key = api_key if api_key is not None else os.environ.get("RELAY_LLM_API_KEY") or None
     app = create_app(model, api_key=api_key, dtype=dtype, device=device, model_id=model_id,
-                     config=EngineConfig(max_batch=max_batch, max_queue=max_queue))
+                     config=EngineConfig(max_batch=max_batch, max_queue=max_queue, store_url=store_url))
     log.info("serving %s on http://%s:%d/v1", app.state.relay.model_id, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -97,9 +97,10 @@ class Metrics:
             self.reusable_cells += stats.reusable_cells
             self.ttft.observe(stats.ttft_s)
 
-    def render(self, store_stats=None, prefix_bytes: int | None = None, load: dict | None = None) -> str:
-        """The exposition text: this object's metrics, then the store's, the prefix cache's and the scheduler's
-        (`RelayEngine.load_stats()`) where given."""
+    def render(self, store_stats=None, prefix_bytes: int | None = None, load: dict | None = None,
+               shared=None) -> str:
+        """The exposition text: this object's metrics, then the store's, the prefix cache's, the scheduler's
+        (`RelayEngine.load_stats()`) and a shared store's (`redis_store.SharedStats`) where given."""
         with self._lock:
             rows: list[_Row] = [
                 ("relay_requests_total", "counter", "HTTP requests answered, by endpoint and status code.",
@@ -144,6 +145,24 @@ class Metrics:
                 ("relay_decode_steps_total", "counter", "Batched decode steps run.", load["decode_steps"]),
                 ("relay_kv_reserved_bytes", "gauge", "Bytes of K/V buffers held by admitted generations.",
                  load["kv_reserved_bytes"]),
+            ]
+        if shared is not None:
+            read_now += [
+                ("relay_shared_store_connected", "gauge", "1 if the shared (Redis) store is reachable now.",
+                 int(shared.connected)),
+                ("relay_shared_store_published_total", "counter", "Segments this replica wrote to the shared store.",
+                 shared.published),
+                ("relay_shared_store_announced_total", "counter", "Segments of other replicas added to the index.",
+                 shared.announced),
+                ("relay_shared_store_fetched_total", "counter", "Blobs fetched from the shared store on a match.",
+                 shared.fetched),
+                ("relay_shared_store_fetched_bytes_total", "counter", "Bytes of blobs fetched.", shared.fetched_bytes),
+                ("relay_shared_store_gone_total", "counter", "Matched blobs the shared store had evicted (misses).",
+                 shared.gone),
+                ("relay_shared_store_bad_total", "counter", "Blobs skipped as truncated, corrupt or foreign.",
+                 shared.bad),
+                ("relay_shared_store_disconnects_total", "counter", "Times the shared store became unreachable.",
+                 shared.disconnects),
             ]
         return "\n".join([*lines, *_render(read_now)]) + "\n"
 

@@ -7,16 +7,22 @@ HF does), RoPE on views, one SDPA call with grouped-query heads. It covers the l
 family (Llama / Mistral / Qwen2: pre-norm; Qwen3: + q/k norms; Gemma 3: + q/k norms and sandwich norms,
 (1 + w) norm weights); `lean_layers` returns None for anything else, and the executor then calls the HF
 layer itself. Equivalence with HF's forward is tested on tiny models of every family and on the default model.
+
+Decode steps of an fp32 model on relay-llm's GEMV (`kernels.GemvLinear`) take one native call per layer
+instead (`native` `decode_layer`, `csrc/layer.cpp`): the same math on the same weights, with no Python or
+temporaries between the ops; equal to this module's own path to float rounding (tests/test_kernels.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .kernels import RowsOf, native_unavailable
+from .kernels import GemvLinear, RowsOf, native_unavailable
 
 
 class _Norm:
@@ -68,6 +74,9 @@ def _native_ops(module: nn.Module):
     return None if native_unavailable(module) else native.ops()
 
 
+_ACTIVATIONS = {"GELUTanh": 0, "PytorchGELUTanh": 0, "SiLUActivation": 1, "SiLU": 1}  # -> decode_layer's act
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX (rotate-half) RoPE. x: [1, heads, n, d]; cos, sin: [1, 1, n, d]."""
     half = x.shape[-1] // 2
@@ -101,6 +110,28 @@ class LeanLayer:
         else:
             self.post_attn_norm, self.post_mlp_norm = None, None
             self.pre_mlp_norm = _Norm(layer.post_attention_layernorm, gemma)
+        self.heads, self.kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        self.native_args = self._native_args()
+
+    def _native_args(self) -> tuple | None:
+        """(norm weights, linear arguments, eps, activation code) for `native.decode_layer`, or None where this
+        layer has a part that op does not compute: no native ops, q/k/v or gate/up not fused, a linear not on
+        the GEMV, an activation other than GELU-tanh or SiLU, or norms of different eps."""
+        act = _ACTIVATIONS.get(type(self.act).__name__)
+        if getattr(self.act, "act", None) is not None and not isinstance(self.act.act, functools.partial):
+            act = None  # GELUTanh's pure-Python variant
+        linears = [self.qkv and self.qkv[0], self.o_proj, self.gate_up and self.gate_up[0], self.down]
+        if self.ops is None or act is None or not all(isinstance(lin, GemvLinear) for lin in linears):
+            return None
+        norms = [self.input_norm, self.q_norm, self.k_norm, self.post_attn_norm, self.pre_mlp_norm,
+                 self.post_mlp_norm]
+        if len({n.eps for n in norms if n is not None}) != 1 or self.head_dim % 2:
+            return None
+        args = []
+        for lin in linears:
+            args += [lin.q, lin.scale, lin.offset, lin.bias] if lin.grid else [lin.weight, None, None, lin.bias]
+        weights = [None if n is None else n.weight.float().contiguous() for n in norms]
+        return weights, args, self.input_norm.eps, act
 
     def _qkv(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [1, n, hidden] -> q [1, heads, n, d], k and v [1, kv_heads, n, d], q and k normed and rotated."""
@@ -151,12 +182,27 @@ class LeanLayer:
 
     def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor, position_embeddings, cache,
                  **_) -> torch.Tensor:
+        if attention_mask is None and x.shape[1] == 1 and self.native_args is not None and hasattr(cache, "store"):
+            return self._native_rows(x, position_embeddings, [cache])
         q, k, v = self._qkv(x, position_embeddings)
         return self._rest(x, self._attend(q, cache, k, v, attention_mask))
+
+    def _native_rows(self, x: torch.Tensor, position_embeddings, caches: list) -> torch.Tensor:
+        """`rows` as one native call (`csrc/layer.cpp`): x [1, B, hidden] fp32, each cache's last slot the row's."""
+        norms, linears, eps, act = self.native_args
+        cos, sin = (t[0].contiguous() for t in position_embeddings)
+        keys = [c.kv.keys[self.idx] for c in caches]
+        values = [c.kv.values[self.idx] for c in caches]
+        out = self.ops.decode_layer(x[0].contiguous(), norms, linears, cos, sin, keys, values,
+                                    [c.length - 1 for c in caches], [c.lo for c in caches], self.heads,
+                                    self.kv_heads, eps, self.scaling, act)
+        return out[None]
 
     def rows(self, x: torch.Tensor, position_embeddings, caches: list) -> torch.Tensor:
         """One decode token per sequence: x [1, B, hidden], row b at its own position, attending over its own
         sequence's slots through `caches[b]` (no mask: a single query sees every slot handed to it)."""
+        if self.native_args is not None and x.shape[1] <= GemvLinear.GEMV_ROWS:
+            return self._native_rows(x, position_embeddings, caches)
         q, k, v = self._qkv(x, position_embeddings)
         a = torch.cat([self._attend(q[:, :, b : b + 1], c, k[:, :, b : b + 1], v[:, :, b : b + 1], None)
                        for b, c in enumerate(caches)], dim=2)

@@ -1,12 +1,13 @@
-"""relay-llm's own CPU kernels (`csrc/gemv.cpp`), compiled once per machine and loaded as torch ops.
+"""relay-llm's own CPU kernels (`csrc/`), compiled once per machine and loaded as torch ops.
 
 `ops()` builds the extension on first use with torch's C++ extension builder (ninja, g++, AVX2 + FMA
-flags) into `cache_dir()/kernels/<tag>`, where the tag hashes the source, torch's version and this CPU's
+flags) into `cache_dir()/kernels/<tag>`, where the tag hashes the sources, torch's version and this CPU's
 flags; later processes load the built library in milliseconds. Where the CPU lacks AVX2 or FMA, or the
 build fails, `ops()` returns None and `unavailable()` says why: callers keep torch's own kernels.
 
     torch.ops.relay_llm.gemv_f32(x [B, K] f32, w [N, K] f32, bias [N] | None) -> [B, N] f32
     torch.ops.relay_llm.gemv_grid(x [B, K] f32, q [N, K] int8, scale [N, K/G] f32, offset | None, bias | None)
+    ... rms_norm, rope, attend_one, and decode_layer (a whole decoder layer of a decode step): `csrc/ops.h`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 log = logging.getLogger("relay_llm")
 
-_SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+_SOURCES = Path(__file__).with_name("csrc")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -35,7 +36,8 @@ def _build() -> None:
         raise RuntimeError("RELAY_LLM_NATIVE=0 set")
     if not {"avx2", "fma"} <= flags:
         raise RuntimeError("the CPU lacks AVX2 or FMA")
-    source = _SOURCE.read_bytes()
+    files = sorted(p for p in _SOURCES.iterdir() if p.suffix in (".cpp", ".h"))
+    source = b"".join(p.name.encode() + p.read_bytes() for p in files)
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(flags)).encode()).hexdigest()[:12]
     build_dir = cache_dir() / "kernels" / tag
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,8 @@ def _build() -> None:
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         log.info("relay-llm: compiling CPU kernels into %s (once per machine)", build_dir)
-        cpp_extension.load(name="relay_llm_gemv", sources=[str(_SOURCE)], build_directory=str(build_dir),
+        sources = [str(p) for p in files if p.suffix == ".cpp"]
+        cpp_extension.load(name="relay_llm_gemv", sources=sources, build_directory=str(build_dir),
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False,
                            verbose=False)

@@ -74,6 +74,48 @@ def test_gemv_lean_path_equals_plain_path_in_fp32(engines, family):
     assert (got - want).abs().max().item() < 1e-4
 
 
+def _decode_steps(ex, prompts: list[list[int]], steps: int) -> tuple[list[torch.Tensor], list]:
+    """Prefill each prompt, then `steps` decode steps: the first sequence alone (`run`), then all in one batched
+    `step`. Returns every step's logits and the buffers."""
+    kvs = [ex.new_buffers(len(p) + 2 * steps) for p in prompts]
+    for p, kv in zip(prompts, kvs, strict=True):
+        ex.run(torch.tensor(p), 0, kv)
+    logits = []
+    for i in range(steps):
+        logits.append(ex.run(torch.tensor([7 + i]), kvs[0].length, kvs[0]).logits)
+        logits.append(ex.step(torch.tensor([11 + i] * len(kvs)), kvs).logits)
+    return logits, kvs
+
+
+@needs_native
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_native_decode_layer_equals_the_python_layer(engines, family, monkeypatch):
+    """On the GEMV, a decode step runs each layer as one native call (`decode_layer`), alone and for a batch of
+    rows at different positions (past the sliding windows); logits and K/V equal the Python layer's."""
+    ex = engines[family]["auto"].executor
+    assert all(layer.native_args is not None for layer in ex.lean)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 30, 45)]
+    saved = [layer.native_args for layer in ex.lean]
+    try:
+        for layer in ex.lean:
+            layer.native_args = None
+        want, want_kvs = _decode_steps(ex, prompts, 3)
+    finally:
+        for layer, args in zip(ex.lean, saved, strict=True):
+            layer.native_args = args
+    calls = []
+    native_rows = LeanLayer._native_rows
+    monkeypatch.setattr(LeanLayer, "_native_rows", lambda self, *a: calls.append(len(a[2])) or native_rows(self, *a))
+    got, got_kvs = _decode_steps(ex, prompts, 3)
+    assert calls == ([1] * len(ex.lean) + [3] * len(ex.lean)) * 3  # one call per layer and step, rows per call
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+    for a, b in zip(got_kvs, want_kvs, strict=True):
+        assert a.length == b.length
+        assert (a.keys - b.keys).abs().max().item() < 1e-5 and (a.values - b.values).abs().max().item() < 1e-5
+
+
 @needs_native
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_weights_on_an_int8_grid_run_on_it_losslessly(tmp_path, family):

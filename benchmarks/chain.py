@@ -35,9 +35,9 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "naive": ("naive", None),
     "cacheblend": ("cacheblend", None),
     "epic": ("epic", None),
-    "relay": ("relay", None),
-    "relay (dev floor 0.005)": ("relay", {"dev_floor": 0.005}),
-    "relay (prefix 16)": ("relay", {"prefix": 16}),  # epic's first-16-tokens rule inside relay
+    "relay": ("relay", None),  # the shipped profile: edges of every span piece, no detection pass
+    "relay (paper mode)": ("relay", {"detect": True, "prefix": 4, "suffix": 10}),  # detection at det_layer
+    "relay (edges 6)": ("relay", {"detect": False, "prefix": 6}),
 }
 STEPS = 20
 

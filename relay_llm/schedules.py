@@ -9,7 +9,8 @@ full        every token at every layer (nothing reused)
 prefix      the exact-prefix hit is not computed; spans are computed (lossless)
 naive       prefix hit and spans are not computed (rotate + splice, no repair)
 relay       RelayCaching: span tokens enter at start_layer (stored upstream hidden states), are all
-            recomputed through det_layer, then only the selected ones through end_layer
+            recomputed through det_layer, then only the selected ones through end_layer (the paper's
+            mode, `detect`); without detection, only the edge tokens through the band
 cacheblend  span tokens through layers 0..check_layer, then the top `ratio` by K/V deviation
 epic        the first k tokens of each span at every layer
 """
@@ -188,9 +189,21 @@ class _RelayPlan(_SpanPlan):
         for (_, sl), hid in zip(self.span_slices(), plan.span_hidden, strict=True):
             if self._enters_at_start(hid):
                 self.entry[sl] = sched.start
-        self.selected = torch.zeros(self.span_idx.numel(), dtype=torch.bool, device=ex.device)
+        self.edges = self._edges(sched.selector)
+        self.detect = sched.selector.detect
+        self.selected = self.edges.clone() if not self.detect else torch.zeros_like(self.edges)
         self.guarded = torch.zeros_like(self.selected)  # spans the quality guard recomputes in full
         self._reused_values = self._queries = None
+
+    def _edges(self, cfg: SelectorConfig) -> torch.Tensor:
+        """[S] bool: the first `prefix` tokens of every span piece (each follows text the stored copy never saw
+        next to it: a header, or a re-tokenisation hole) and the last `suffix` tokens of every logical span."""
+        edges = torch.zeros(self.span_idx.numel(), dtype=torch.bool, device=self.ex.device)
+        for _, sl in self.span_slices():
+            edges[sl.start : min(sl.stop, sl.start + cfg.prefix)] = True
+        for _, sl in self.group_slices():
+            edges[max(sl.start, sl.stop - cfg.suffix) : sl.stop] = True
+        return edges
 
     def _enters_at_start(self, hid: tuple[int, torch.Tensor] | None) -> bool:
         return hid is not None and hid[0] == self.s.start
@@ -201,6 +214,8 @@ class _RelayPlan(_SpanPlan):
             return self.selected  # all False
         if layer == s.start:
             self._inject(state)
+        if not self.detect:
+            return self.selected & (self.entry <= layer) if layer <= s.end else self.guarded
         if layer == s.det:
             self._reused_values = state.kv.values[layer][:, self.span_idx].clone()
             first = self.span_idx[0] if self.span_idx.numel() else 0
@@ -219,7 +234,7 @@ class _RelayPlan(_SpanPlan):
                 state.hidden[self.span_idx[sl]] = hid[1].to(state.hidden.device, state.hidden.dtype)
 
     def after_layer(self, state):
-        if self.empty or state.layer != self.s.det or not self.span_idx.numel():
+        if self.empty or not self.detect or state.layer != self.s.det or not self.span_idx.numel():
             return
         ex, cfg = self.ex, self.s.selector
         fresh = state.kv.values[state.layer][:, self.span_idx]
@@ -239,7 +254,7 @@ class _RelayPlan(_SpanPlan):
                 self.notes.append(f"span {i}: mean deviation {mean_dev:.3f} > {cfg.max_span_deviation}: "
                                   f"recomputed at every layer from {self.s.start}")
             else:
-                self.selected[sl] = select(dev[sl], infl[sl], cfg)
+                self.selected[sl] = select(dev[sl], infl[sl], cfg) | self.edges[sl]
 
 
 class CacheBlend(Schedule):

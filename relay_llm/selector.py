@@ -22,6 +22,9 @@ class SelectorConfig:
     dev_floor: absolute deviation below which the relative rules select nothing (0 = off, the paper's
     rule): where the context barely changed the span's values, nothing stands out for real, and the
     top tau-fraction would be recomputed for nothing. The edge rules still apply.
+    detect: run the paper's detection (all span tokens through det_layer, then the deviation and influence
+    rules); False: recompute only the edge tokens, at every layer of the band, with no detection pass. The
+    prefix rule applies at every piece of a span (after re-tokenisation holes too), the suffix at its end.
     """
 
     tau_dev: float = 1.5
@@ -32,6 +35,7 @@ class SelectorConfig:
     max_span_deviation: float = 0.25
     min_span_tokens: int = 16
     dev_floor: float = 0.0
+    detect: bool = True
 
     def updated(self, overrides: dict | None) -> SelectorConfig:
         if not overrides:
@@ -40,6 +44,10 @@ class SelectorConfig:
         if unknown:
             raise ValueError(f"unknown relay settings {sorted(unknown)}; known: {sorted(self.__dataclass_fields__)}")
         for key, value in overrides.items():
+            if key == "detect":
+                if not isinstance(value, bool):
+                    raise ValueError(f"relay setting detect must be true or false, got {value!r}")
+                continue
             kind = int if key in ("suffix", "prefix", "min_span_tokens") else (int, float)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"relay setting {key} must be a number{' (integer)' if kind is int else ''}, "

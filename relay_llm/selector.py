@@ -22,9 +22,11 @@ class SelectorConfig:
     dev_floor: absolute deviation below which the relative rules select nothing (0 = off, the paper's
     rule): where the context barely changed the span's values, nothing stands out for real, and the
     top tau-fraction would be recomputed for nothing. The edge rules still apply.
-    detect: run the paper's detection (all span tokens through det_layer, then the deviation and influence
-    rules); False: recompute only the edge tokens, at every layer of the band, with no detection pass. The
-    prefix rule applies at every piece of a span (after re-tokenisation holes too), the suffix at its end.
+    detect: run the detection (all span tokens through the layers before det_layer; at det_layer, their
+    fresh values and keys from the k/v-projections alone: the deviation and influence rules pick the tokens
+    computed from det_layer on); False: recompute only the edge tokens, at every layer of the band, with no
+    detection pass. The prefix rule applies at every piece of a span (after re-tokenisation holes too), the
+    suffix at its end.
     """
 
     tau_dev: float = 1.5

@@ -111,3 +111,24 @@ def test_changing_active_sets_never_reuse_a_stale_mask(tiny_engines, monkeypatch
     want = run()
     for g, w in zip(got, want, strict=True):
         assert (g - w).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_keys_values_equal_what_the_layer_writes(tiny_engines, family):
+    """The detection's shortcut (input norm + k/v-projections, RoPE on keys) computes the K/V a full layer
+    writes, at every layer, from the layer's residual-stream input; and `attention_probs` over those keys
+    is a distribution."""
+    engine = tiny_engines[family]
+    ex = engine.executor
+    ids = torch.randint(3, engine.model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(40)
+    for layer in range(ex.num_layers):
+        kv = ex.new_buffers(40)
+        hidden = ex.run(ids, 0, kv, capture_layer=layer).captured
+        keys, values = ex.keys_values(layer, hidden, positions)
+        assert (keys - kv.keys[layer]).abs().max().item() < 1e-4
+        assert (values - kv.values[layer]).abs().max().item() < 1e-4
+        probs = ex.attention_probs(layer, hidden[30:], positions[30:], keys)
+        assert probs.shape == (10, 40)
+        assert torch.allclose(probs.sum(-1), torch.ones(10), atol=1e-5)
+        assert probs[0, 31:].abs().max().item() == 0  # causal

@@ -59,9 +59,9 @@ def test_relay_recomputes_part_of_the_band(tiny, capture_layer):
                 "max_span_deviation": 2.0}
     stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay", relay=settings).stats
     assert stats.span_tokens == 24
-    entry_cells = 24 * (2 - capture_layer)  # every span token from its entry layer through det
-    selected = stats.recomputed_cells - entry_cells
-    assert 2 <= selected < 24  # the suffix and the tokens over threshold, at layer 2 only
+    entry_cells = 24 * (1 - capture_layer)  # every span token from its entry layer up to det (1)
+    selected = stats.recomputed_cells - entry_cells  # the edges and the tokens over threshold, at layers 1 and 2
+    assert 2 * 2 <= selected < 2 * 24
     assert 0 < stats.reuse_rate < 1
 
 
@@ -78,7 +78,8 @@ def test_quality_guard_recomputes_a_deviating_span(tiny):
 
 
 def test_relay_recomputes_each_spans_first_and_last_tokens_through_the_band(tiny):
-    """With the thresholds out of reach, relay recomputes exactly `prefix` + `suffix` tokens per span after det."""
+    """With the thresholds out of reach, relay recomputes exactly `prefix` + `suffix` tokens per span from det on
+    (det 0: at every layer; the detection computes only values at det)."""
     prompt, cont = _handoff(tiny, seed=35)
     last = tiny.executor.num_layers - 1
     settings = {"start_layer": 0, "det_layer": 0, "end_layer": last, "tau_dev": 1e9, "tau_inf": 1e9,
@@ -87,7 +88,7 @@ def test_relay_recomputes_each_spans_first_and_last_tokens_through_the_band(tiny
         stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay",
                               relay={**settings, "prefix": prefix, "suffix": suffix}).stats
         assert stats.span_tokens == 24
-        assert stats.recomputed_cells == 24 + min(prefix + suffix, 24) * last  # all at det (0), then the edges
+        assert stats.recomputed_cells == min(prefix + suffix, 24) * (last + 1)
     full = tiny.teacher_force(prompt, cont, schedule="full")
     whole = tiny.teacher_force(prompt, cont, schedule="relay", relay={**settings, "prefix": 24, "suffix": 0})
     assert (whole - full).abs().max().item() < 1e-4  # a prefix covering the span is full recompute
@@ -112,6 +113,28 @@ def test_relay_without_detection_recomputes_only_the_edges_at_every_layer(tiny):
     assert (none - naive).abs().max().item() < 1e-6
     with pytest.raises(ValueError, match="detect must be true or false"):
         tiny.complete(prompt, max_new_tokens=1, schedule="relay", relay={**settings, "detect": 1})
+
+
+def test_detection_computes_every_selected_token_from_det_on(tiny, monkeypatch):
+    """Layers before det: every span token. From det on, a token is computed at a layer only if it was at the
+    layer before: a token that skipped det_layer would enter the next layer with a stale residual stream.
+    The detection itself (k/v-projections at det) selects some tokens, not all."""
+    from relay_llm import schedules
+
+    seen: list[torch.Tensor] = []
+    span_active = schedules._RelayPlan.span_active
+    monkeypatch.setattr(schedules._RelayPlan, "span_active", lambda self, state: seen.append(
+        span_active(self, state).clone()) or seen[-1])
+    prompt, _ = _handoff(tiny, seed=37)
+    last = tiny.executor.num_layers - 1
+    settings = {"start_layer": 0, "det_layer": 1, "end_layer": last, "min_span_tokens": 1, "prefix": 2,
+                "suffix": 0, "max_span_deviation": 2.0}
+    stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay", relay=settings).stats
+    assert stats.span_tokens == 24 and len(seen) == last + 1
+    assert seen[0].all()
+    assert 2 <= seen[1].sum() < 24
+    for before, after in zip(seen[1:], seen[2:], strict=False):
+        assert not (after & ~before).any()
 
 
 def test_edges_apply_at_every_piece_of_a_span_split_by_a_hole():

@@ -3,7 +3,7 @@
 Agent 1 (a dispatcher) reads a log of ~`records` near-identical parcel records and writes a report. Agent
 2, under another system prompt and after unrelated policy text, gets the report pasted in and answers one
 question about one record. The question is chosen after agent 1 has written (`pick_question`): a record
-whose courier and code both appear verbatim in the report, so the answer is in the text agent 2 relays
+whose courier and code both appear verbatim in the report (the last such), so the answer is in the text agent 2 relays
 (the item says when no record survived intact and the question falls back to the log).
 """
 
@@ -50,9 +50,9 @@ def agent1_messages(item: dict) -> list[dict]:
 
 
 def pick_question(item: dict, report: str) -> dict:
-    """The record agent 2 is asked about: the first whose courier and code both appear in `report`; else the
-    log's middle record (`in_report` False)."""
-    for r in item["records"]:
+    """The record agent 2 is asked about: the last whose courier and code both appear in `report` (the one furthest
+    into the relayed text); else the log's middle record (`in_report` False)."""
+    for r in reversed(item["records"]):
         if r["courier"] in report and re.search(rf"\b{re.escape(r['code'])}\b", report):
             return {**r, "in_report": True}
     return {**item["records"][len(item["records"]) // 2], "in_report": False}

@@ -8,9 +8,7 @@ import platform
 from pathlib import Path
 
 from . import plots, tables
-from .methods import METHODS
-
-ESTIMATE_NOTE = "full-preset estimate"
+from .methods import ABLATIONS, METHODS
 
 
 def machine() -> dict:
@@ -43,34 +41,46 @@ def _json_default(o):
 
 
 def estimate_full_s(records, preset, run_info: dict) -> dict | None:
-    """Seconds the full preset would take, from this run's per-unit times (records' `elapsed_s`)."""
+    """Seconds the full preset would take, scaled from this run's measured per-unit times (None for full)."""
     from .presets import PRESETS
 
-    full = PRESETS["full"]
-    return None if preset.name == "full" else {"full_preset": full.name, **_estimate(records, preset, full, run_info)}
+    return None if preset.name == "full" else _estimate(records, preset, PRESETS["full"], run_info)
 
 
-def _estimate(records, preset, full, run_info: dict) -> dict:
-    per = {}
+def _estimate(records, quick, full, run_info: dict) -> dict:
+    """Per family: this run's seconds per (prompt, method) pair x the full preset's pairs x how much longer its
+    prompts and outputs are (linear: prefill and decode both grow about linearly at these sizes). The long-context
+    sweep: the largest measured point's time x (context / that context)^1.3 per full point (prefill plus
+    attention). Peers: this run's time x the ratio of new tokens. Plus the model load."""
+    from statistics import mean
+
+    n_var = len(ABLATIONS) + sum(len(v) for v in full.sweep_values().values())
+    probes_per = {"facts": 1, "code": 1, "notes": mean(full.chain_lengths)}  # notes: agents 2..n + the question
+    count = {"facts": full.facts, "code": full.code, "notes": full.notes}
+    size = {"facts": (full.records / quick.records + full.report_tokens / quick.report_tokens) / 2,
+            "code": full.code_tokens / quick.code_tokens, "notes": full.note_tokens / quick.note_tokens}
+    parts = {}
     for family in ("facts", "code", "notes"):
         recs = records.all(family)
-        per[family] = sum(r.get("elapsed_s", 0.0) for r in recs) / max(1, len(recs))
+        pairs = sum(len(rows) for r in recs for rows in r["probes"].values())
+        if not pairs:
+            continue
+        per_pair = sum(r.get("elapsed_s", 0.0) for r in recs) / pairs
+        full_pairs = count[family] * probes_per[family] * len(METHODS)
+        if family != "code":
+            full_pairs += min(full.sweep_items, count[family]) * n_var
+        parts[family] = per_pair * full_pairs * size[family]
     ctx = {r["context"]: r.get("elapsed_s", 0.0) for r in records.all("context")}
-    # Costs scale with generated tokens (decode) and, for the long-context sweep, about with context^1.3 (prefill
-    # plus attention), from the largest point measured; the sweep items run ~N variant methods more.
-    scale = {"facts": full.report_tokens / preset.report_tokens, "code": full.code_tokens / preset.code_tokens,
-             "notes": full.note_tokens / preset.note_tokens}
-    n_full = {"facts": full.facts, "code": full.code, "notes": full.notes}
-    parts = {f: per[f] * n_full[f] * max(1.0, 0.5 + 0.5 * scale[f]) for f in per}
     if ctx:
         top = max(ctx)
-        parts["context"] = sum(ctx[top] * (c / top) ** 1.3 for c in full.contexts)
-    variants_q = sum(len(v) for v in preset.sweep_values().values())
-    variants_f = sum(len(v) for v in full.sweep_values().values())
-    extra = (full.sweep_items * (variants_f + 4) - preset.sweep_items * (variants_q + 4)) / (len(METHODS) + 4)
-    parts["sweep extra"] = max(0.0, extra) * (per["facts"] + per["notes"]) / 2
-    parts["load and peers"] = run_info.get("load_s", 0.0) + 120.0
-    return {"seconds": sum(parts.values()), "parts": parts}
+        parts["long context"] = sum(ctx[top] * (c / top) ** 1.3 for c in full.contexts)
+    peers = records.load("peers", "chain")
+    if peers and full.peers:
+        parts["peers"] = peers.get("elapsed_s", 0.0) * full.peer_tokens / max(1, quick.peer_tokens)
+    parts["model load"] = run_info.get("load_s", 0.0)
+    agents = [a for r in records.all("notes") for a in r["agents"] if a["new"] > 1]
+    ms = 1000 * sum(a["decode_s"] for a in agents) / max(1, sum(a["new"] - 1 for a in agents)) if agents else None
+    return {"full_preset": full.name, "seconds": sum(parts.values()), "parts": parts, "decode_ms_per_token": ms}
 
 
 def write(out: Path, records, preset, run_info: dict) -> dict:
@@ -107,7 +117,10 @@ def render(r: dict) -> str:
         f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach.get('torch', '?')} "
         f"({mach.get('threads', '?')} threads), no GPU; SIMD flags: {' '.join(flags) or 'none listed'}. "
         f"Model: the packaged gemma-3-270m base (fp32; kernels: {run.get('engine', {}).get('kernels', '?')}). "
-        f"Run time {run['measured_s'] / 60:.1f} min (model load {run['load_s']:.0f} s).",
+        f"Run time {run['measured_s'] / 60:.1f} min (model load {run['load_s']:.0f} s). Code measured: commit "
+        f"{run.get('git', {}).get('commit', '?')}"
+        + (f" plus uncommitted changes to {', '.join(run['git']['changed'])}" if run.get("git", {}).get("changed")
+           else "") + ".",
         "",
         "What differs from the paper: a 270M **base** model (the paper: instruction-tuned 7-8B models), on 2 CPU "
         "cores (the paper: GPUs), fp32. The base model cannot do GSM8K, so accuracy is measured on extractive "
@@ -117,8 +130,12 @@ def render(r: dict) -> str:
     if r.get("full_estimate"):
         est = r["full_estimate"]
         parts = ", ".join(f"{k} {v / 60:.0f} min" for k, v in est["parts"].items())
+        ms = est.get("decode_ms_per_token")
+        speed = (f" This run decoded at {ms:.0f} ms/token (the engine alone on this machine class: about 18, "
+                 "docs/benchmarks.md): where that is higher, other work shared the 2 cores and the estimate scales "
+                 "with it.") if ms else ""
         lines += [f"Run time of `--preset full`, estimated from this run's per-item times scaled by item counts and "
-                  f"output lengths: about {est['seconds'] / 60:.0f} min ({parts}).", ""]
+                  f"output lengths (`page._estimate`): about {est['seconds'] / 60:.0f} min ({parts}).{speed}", ""]
     lines += [tables.markdown(r["tables"]["targets"])]
     for key in ("q1", "q2_agents", "q2_reuse", "q2_context", "q2_floor", "q2_wall", "q3", "q4"):
         lines.append(tables.markdown(r["tables"][key]))

@@ -21,7 +21,7 @@ class Preset:
     note_tokens: int = 96  # each chain note
     contexts: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)  # long-context sweep (agent 3's prompt)
     sweep_items: int = 6  # items per family (facts, notes) whose probes also run the Q3 / Q4 variants
-    sweeps: dict | None = None  # Q4: knob -> values (None: SWEEPS)
+    sweeps: dict | None = None  # Q4: knob -> values (None: SWEEPS, every value)
     repeats: int = 2  # TTFT timings per method and probe (median)
     steps: int = 20  # teacher-forced steps for KL / top-1 / identical continuation
     peer_tokens: int = 96  # new tokens per agent when peers run the 5-agent chain
@@ -46,12 +46,16 @@ SWEEPS = {  # Q4 knob -> values; band width and detection layer are relay band s
     "end_layer": [5, 8, 11, 14, 17],  # band width: start 0, det 1, end varied
     "det_layer": [1, 2, 4, 8],  # start 0, end 17
 }
-QUICK_SWEEPS = {"tau_dev": [1.0, 3.0], "tau_inf": [1.0, 3.0], "suffix": [0, 20], "end_layer": [8], "det_layer": [4]}
+FULL_SWEEPS = {"tau_dev": [1.0, 2.0, 3.0], "tau_inf": [1.0, 2.0, 3.0], "suffix": [0, 5, 20], "end_layer": [5, 11],
+               "det_layer": [2, 4, 8]}  # beside the shipped values (relay itself is the reference row)
+QUICK_SWEEPS = {"tau_dev": [3.0], "tau_inf": [3.0], "suffix": [0], "end_layer": [8], "det_layer": [4]}
 
 PRESETS = {
-    "quick": Preset("quick", facts=2, code=1, notes=1, records=10, report_tokens=64, code_tokens=64, note_tokens=32,
+    "quick": Preset("quick", facts=2, code=1, notes=1, records=10, report_tokens=64, code_tokens=48, note_tokens=32,
                     contexts=(512, 1024), sweep_items=1, sweeps=QUICK_SWEEPS, repeats=1, peer_tokens=16),
-    "full": Preset("full", facts=40, code=40, notes=40),
+    # Sized from the quick preset's per-item times (docs/results/README.md, "Run time of --preset full").
+    "full": Preset("full", facts=40, code=40, notes=40, records=12, report_tokens=80, code_tokens=96, note_tokens=48,
+                   sweep_items=4, sweeps=FULL_SWEEPS),
 }
 
 

@@ -62,7 +62,7 @@ def fact_item(engine, item: dict, preset: Preset, methods: dict) -> dict:
     lead = f"The parcel code of courier {record['courier']} is"
     ids2 = engine.render(facts.agent2_messages(r1.text, record)) + engine.encode(lead, special_tokens=False)
     probe = Probe("answer", ids2, gen=12, stop=["\n"], shared_prefix=common_prefix(ids2, ids1 + r1.token_ids))
-    rows = measure(engine, probe, methods, preset.steps, preset.repeats)
+    rows = measure(engine, probe, methods, preset.steps)
     for row in rows.values():
         row["correct"] = exact_match(row["text"], record["code"])
     return {"id": item["id"], "family": "facts", "report": r1.text, "question": record,
@@ -80,7 +80,7 @@ def code_item(engine, item: dict, preset: Preset, methods: dict) -> dict:
     ids2 = engine.render(msgs) + engine.encode(start, special_tokens=False)
     probe = Probe("rewrite", ids2, gen=preset.code_tokens, stop=coding.STOP,
                   shared_prefix=common_prefix(ids2, ids1 + r1.token_ids))
-    rows = measure(engine, probe, methods, preset.steps, preset.repeats)
+    rows = measure(engine, probe, methods, preset.steps)
     for row in rows.values():
         row["correct"] = passes(coding.program(item, coding.cut(row["text"])))
     return {"id": item["id"], "family": "code", "agent1_body": body1,
@@ -110,7 +110,8 @@ def notes_item(engine, item: dict, preset: Preset, methods: dict) -> dict:
     out = {}
     last = probes[-2].key  # the last agent's prompt, which pastes the most: the only one running the variants
     for p in probes:
-        out[p.key] = measure(engine, p, methods if p.key == last else METHODS, preset.steps, preset.repeats)
+        repeats = preset.repeats if p.key != "question" else 1  # repeated timings where TTFT is the question (Q2)
+        out[p.key] = measure(engine, p, methods if p.key == last else METHODS, preset.steps, repeats)
         if p.key == "question":
             for row in out[p.key].values():
                 row["correct"] = exact_match(row["text"], item["ticket"])
@@ -125,6 +126,22 @@ def context_point(engine, context: int, preset: Preset) -> dict:
         out[p.key.split("-")[-1]] = {**measure(engine, p, METHODS, preset.steps, preset.repeats)}
     return {"context": context, "prompt_tokens": {k: v["full"]["prompt_tokens"] for k, v in out.items()},
             "probes": out}
+
+
+def git_state() -> dict:
+    """The commit measured and the tracked files changed on top of it (the run measures the working tree)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "changed": [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
 
 
 def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
@@ -148,7 +165,7 @@ def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
             e.complete(e.render([{"role": "user", "content": "Hello there."}]), max_new_tokens=2)  # warm-up
             loaded["load_s"] = time.perf_counter() - t
             records.save("run", "engine", {"info": e.info(), "load_s": loaded["load_s"], "eos": sorted(e.eos_ids),
-                                            "band": list(e.profile.band)})
+                                            "band": list(e.profile.band), "git": git_state()})
         return loaded["engine"]
 
     jobs = [("facts", it, fact_item) for it in facts.make_items(preset.facts, records=preset.records)]
@@ -195,6 +212,7 @@ def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
         progress.step("peers", "peers", None, resumed=True)
     info = records.load("run", "engine") or {}
     run_info = {"wall_s": time.perf_counter() - t0, "load_s": info.get("load_s", 0.0), "engine": info.get("info", {}),
+                "git": info.get("git", git_state()),
                 "resumed": "engine" not in loaded}
     run_info["measured_s"] = run_info["load_s"] + sum(
         r.get("elapsed_s", 0.0) for sec in ("facts", "code", "notes", "context", "peers") for r in records.all(sec))

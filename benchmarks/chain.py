@@ -35,9 +35,9 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "naive": ("naive", None),
     "cacheblend": ("cacheblend", None),
     "epic": ("epic", None),
-    "relay": ("relay", None),  # the shipped profile: detection at det_layer, piece edges
-    "relay (edges 4)": ("relay", {"detect": False, "prefix": 4, "suffix": 0}),  # no detection pass
-    "relay (edges 6)": ("relay", {"detect": False, "prefix": 6, "suffix": 0}),
+    "relay": ("relay", None),  # the shipped profile: detection at det_layer (k/v only), floor 0.03, piece edges
+    "relay (paper thresholds)": ("relay", {"dev_floor": 0.0, "suffix": 10}),  # tau rules alone, suffix 10
+    "relay (edges only)": ("relay", {"detect": False}),  # no detection pass: the piece edges at every layer
 }
 STEPS = 20
 

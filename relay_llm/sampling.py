@@ -71,10 +71,18 @@ class Penalties:
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as in vLLM): logits / 1e-300 would overflow
 
 
+def argmax(logits: torch.Tensor) -> int:
+    """Index of the first largest of [vocab] logits. On CPU through numpy: torch's argmax costs 0.45 ms on a
+    262k vocabulary row (2 threads), numpy's 0.02 ms (measured on the 2-core benchmark VMs)."""
+    if logits.device.type == "cpu":
+        return int(logits.numpy().argmax())
+    return int(torch.argmax(logits))
+
+
 def sample(logits: torch.Tensor, opts: GenerationOptions, gen: torch.Generator) -> int:
     """One token id from [vocab] logits: greedy at temperature ~0, else top-k / top-p sampling."""
     if opts.temperature < GREEDY_BELOW:
-        return int(torch.argmax(logits))
+        return argmax(logits)
     scores = logits.float().cpu() / opts.temperature
     if opts.top_k:
         kth = torch.topk(scores, min(opts.top_k, scores.numel())).values[-1]

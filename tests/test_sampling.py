@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 import torch
 
-from relay_llm.sampling import LOGIT_LIMIT, apply_penalties
+from relay_llm.sampling import LOGIT_LIMIT, apply_penalties, argmax
 
 USER = [{"role": "user", "content": "The architect writes a specification for the developer."}]
 PROMPT = torch.randint(3, 500, (12,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -110,3 +110,16 @@ def test_a_vanishing_temperature_is_greedy(tiny):
     greedy = tiny.complete(PROMPT, max_new_tokens=10, schedule="full")
     tiny_t = tiny.complete(PROMPT, max_new_tokens=10, schedule="full", temperature=1e-300, seed=1)
     assert tiny_t.token_ids == greedy.token_ids
+
+
+def test_argmax_picks_the_first_largest_like_torch():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        row = torch.randint(-3, 4, (262144,), generator=g).float()  # many ties
+        row[torch.randint(0, 262144, (1000,), generator=g)] = float("-inf")  # a grammar mask
+        assert argmax(row) == int(torch.argmax(row))
+    masked = torch.full((10,), float("-inf"))
+    masked[7] = 0.0
+    assert argmax(masked) == 7
+    with torch.inference_mode():
+        assert argmax(torch.tensor([1.0, 3.0, 3.0])) == 1

@@ -140,8 +140,10 @@ def render(r: dict) -> str:
     for key in ("q1", "q2_agents", "q2_reuse", "q2_context", "q2_floor", "q2_wall", "q3", "q4"):
         lines.append(tables.markdown(r["tables"][key]))
         if key == "q4" and r["supported_defaults"]:
+            caveat = "" if preset == "full" else (" A quick run has too few prompts to support changing any "
+                                                  "default: these lines only show the rule at work.")
             lines += ["Defaults the data supports (the fastest point at least as faithful as the shipped relay: "
-                      "mean KL within 5 %, top-1 no lower):", ""]
+                      f"mean KL within 5 %, top-1 no lower).{caveat}", ""]
             lines += [f"* {s}" for s in r["supported_defaults"]] + [""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
     lines += [

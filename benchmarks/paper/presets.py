@@ -61,6 +61,6 @@ PRESETS = {
 
 def smallest() -> Preset:
     """The quick preset at its smallest sizes (the test suite's)."""
-    return replace(PRESETS["quick"], facts=1, code=1, notes=1, records=6, report_tokens=24, code_tokens=12,
-                   note_tokens=16, contexts=(256,), sweeps={"suffix": [0]}, peer_tokens=4, steps=8,
-                   chain_lengths=(3,), peers=False, name="smallest")
+    return replace(PRESETS["quick"], facts=1, code=1, notes=1, records=4, report_tokens=20, code_tokens=8,
+                   note_tokens=16, contexts=(160,), sweeps={"suffix": [0]}, peer_tokens=4, steps=4,
+                   chain_lengths=(2,), peers=False, name="smallest")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from . import coding, facts, longctx, notes
@@ -136,12 +137,12 @@ def git_state() -> dict:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "changed": [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+    status = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "changed": [line[3:] for line in status if line]}
 
 
 def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
@@ -165,7 +166,9 @@ def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
             e.complete(e.render([{"role": "user", "content": "Hello there."}]), max_new_tokens=2)  # warm-up
             loaded["load_s"] = time.perf_counter() - t
             records.save("run", "engine", {"info": e.info(), "load_s": loaded["load_s"], "eos": sorted(e.eos_ids),
-                                            "band": list(e.profile.band), "git": git_state()})
+                                            "band": list(e.profile.band), "selector": asdict(e.selector),
+                                            "layers": e.executor.num_layers,
+                                            "git": git_state()})
         return loaded["engine"]
 
     jobs = [("facts", it, fact_item) for it in facts.make_items(preset.facts, records=preset.records)]

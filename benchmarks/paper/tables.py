@@ -163,10 +163,26 @@ def q2_wall(fam: dict[str, list[dict]], peers: dict | None) -> dict:
             "note": "prefill + decode. relay-llm: agent 1's TTFT + each method's TTFT for agents 2-5 + the "
                     "decode time of the reference run (decode does not depend on the prefill method). Peers: "
                     "measured TTFT on the same prompt ids, decode at their measured ms/token for the same number of "
-                    "new tokens per agent."}
+                    "new tokens per agent. Peers suffer most from other load on the cores (llama.cpp's threads "
+                    "spin-wait): compare them on an idle machine."}
 
 
-def q3(fam: dict[str, list[dict]]) -> dict:
+def _vacuous(shipped: dict) -> str:
+    """Which ablations change nothing under the shipped profile (`shipped`: band and selector of the run)."""
+    notes = []
+    band, sel = shipped.get("band"), shipped.get("selector") or {}
+    if band and band[0] == 0 and band[2] == shipped.get("layers", band[2]):
+        notes.append(f"the shipped band already spans every layer (start {band[0]}, det {band[1]}, end {band[2]}), "
+                     "so 'w/o layer band' runs relay's schedule")
+    if sel.get("suffix") == 0:
+        notes.append("the shipped profile has suffix 0, so 'w/o suffix rule' runs relay's schedule")
+    if sel.get("detect") is False:
+        notes.append("the shipped profile skips detection, so the deviation and influence rules select nothing")
+    return (" Under this run's profile " + "; ".join(notes) + ".") if notes else ""
+
+
+def q3(fam: dict[str, list[dict]], shipped: dict | None = None) -> dict:
+    vacuous = _vacuous(shipped or {})
     by = _sweep_rows(fam)
     rows = []
     for m in [*METHODS, *ABLATIONS]:
@@ -175,9 +191,7 @@ def q3(fam: dict[str, list[dict]]) -> dict:
                          **_fidelity(by[m])})
     return {"key": "q3", "title": "Q3. Ablation: relay without one of its parts", "rows": rows,
             "columns": ["method", "probes", "speed-up", "reuse", "mean KL", "max KL", "top-1", "identical"],
-            "note": "on the sweep items' prompts (fact relay: agent 2; chain of notes: the last agent). The default "
-                    "model's shipped band already spans every layer (start 0, det 1, end 17), so 'w/o layer band' "
-                    "runs the same schedule as relay."}
+            "note": "on the sweep items' prompts (fact relay: agent 2; chain of notes: the last agent)." + vacuous}
 
 
 def q4(fam: dict[str, list[dict]], sweeps: dict) -> dict:
@@ -252,12 +266,31 @@ def targets(tables: dict[str, dict]) -> dict:
             "columns": ["target", "paper", "method", "ours", "met", "gap"], "note": "relay vs the paper's claims."}
 
 
+def _shipped(run: dict) -> dict:
+    """The relay band, selector and layer count the run used: from its engine record, else the packaged profile."""
+    if run.get("selector") and run.get("layers"):
+        return {"band": run["band"], "selector": run["selector"], "layers": run["layers"] - 1}
+    import json
+    from pathlib import Path
+
+    import relay_llm
+
+    files = sorted((Path(relay_llm.__file__).parent / "data" / "profiles").glob("*.json"))
+    if not files:
+        return {}
+    prof = json.loads(files[0].read_text())
+    return {"band": [prof["start_layer"], prof["det_layer"], prof["end_layer"]], "selector": prof.get("selector", {}),
+            "layers": prof["num_layers"] - 1}
+
+
 def build(records, sweeps: dict) -> dict[str, dict]:
+    shipped = _shipped(records.load("run", "engine") or {})
     fam = {f: records.all(f) for f in FAMILIES}
     ctx = records.all("context")
     peers = records.load("peers", "chain")
     tables = {"q1": q1(fam), "q2_agents": q2_agents(fam), "q2_reuse": q2_reuse(fam), "q2_context": q2_context(ctx),
-              "q2_floor": q2_floor(fam, ctx), "q2_wall": q2_wall(fam, peers), "q3": q3(fam), "q4": q4(fam, sweeps)}
+              "q2_floor": q2_floor(fam, ctx), "q2_wall": q2_wall(fam, peers), "q3": q3(fam, shipped),
+              "q4": q4(fam, sweeps)}
     tables["targets"] = targets(tables)
     return tables
 

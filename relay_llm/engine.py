@@ -22,7 +22,7 @@ from .closing import Closer
 from .executor import Executor, KVBuffers
 from .kernels import KernelInfo
 from .logprobs import MAX_TOP_LOGPROBS
-from .matcher import chunk_bounds
+from .matcher import chunk_bounds, context_sketch
 from .prefill import Prefill
 from .profiler import Profile, find_profile
 from .scheduler import Done, Failed, Scheduler
@@ -494,7 +494,7 @@ class RelayEngine:
         body = generated[:-1] if generated and generated[-1] in self.eos_ids else generated
         if body:
             keys, values = kv.slice(n, n + len(body))
-            self.store.add(self._segment(body, keys, values, n, hidden[: len(body)], "decode"))
+            self.store.add(self._segment(body, keys, values, n, hidden[: len(body)], "decode", ids))
         # K/V are exact (equal to a full prefill) only up to the first spliced span.
         exact = plan.spans[0].start if spliced and plan.spans else n + len(generated)
         self.prefix_cache.add((ids + generated)[:exact], kv.keys[:, :, :exact], kv.values[:, :, :exact], fp)
@@ -509,18 +509,20 @@ class RelayEngine:
                                  cfg.prompt_segment_max_tokens):
             keys, values = kv.slice(s, e)
             hidden = captured[s:e] if captured is not None else None
-            self.store.add(self._segment(ids[s:e], keys, values, s, hidden, "prefill"))
+            self.store.add(self._segment(ids[s:e], keys, values, s, hidden, "prefill", ids[:s]))
 
     def _segment(self, ids: list[int], keys: torch.Tensor, values: torch.Tensor, start: int,
-                 hidden: torch.Tensor | None, kind: str) -> Segment:
-        """A Segment of this engine (its fingerprint, capture layer and store dtype)."""
+                 hidden: torch.Tensor | None, kind: str, before: list[int]) -> Segment:
+        """A Segment of this engine (its fingerprint, capture layer and store dtype); before: the tokens ahead
+        of it, sketched as its context."""
         dt = self._store_dtype
         if dt is not None:
             keys, values = keys.to(dt), values.to(dt)
             hidden = hidden.to(dt) if hidden is not None else None
         return Segment(token_ids=torch.tensor(ids, dtype=torch.long), keys=keys, values=values, start_pos=start,
                        fingerprint=self.store_fingerprint, kind=kind,
-                       hidden=hidden.clone() if hidden is not None else None, hidden_layer=self.capture_layer)
+                       hidden=hidden.clone() if hidden is not None else None, hidden_layer=self.capture_layer,
+                       context=context_sketch(before))
 
     def _teacher_force(self, ids: list[int], cont: list[int], schedule: Schedule) -> torch.Tensor:
         ex = self.executor

@@ -62,6 +62,25 @@ def window_hashes(ids: np.ndarray, k: int) -> np.ndarray:
     return h
 
 
+CONTEXT_K = 4  # k-grams of 4 ids: long enough that different texts rarely share one, short enough to see edits
+
+
+def context_sketch(ids: Sequence[int]) -> np.ndarray:
+    """Sorted unique hashes of the CONTEXT_K-grams of `ids`: what a segment saw before it ([m] uint64)."""
+    return np.unique(window_hashes(np.asarray(ids, dtype=np.int64), CONTEXT_K))
+
+
+def changed_share(before: Sequence[int], sketch: np.ndarray | None) -> float:
+    """Share of the CONTEXT_K-grams of `before` (the prompt ahead of a span) that the span's segment never saw
+    ahead of it (`sketch`, from `context_sketch`): 0 = the same context, 1 = all new or unknown (no sketch)."""
+    if sketch is None:
+        return 1.0
+    grams = window_hashes(np.asarray(before, dtype=np.int64), CONTEXT_K)
+    if not grams.size:
+        return 1.0 if sketch.size else 0.0
+    return float(1.0 - np.isin(grams, sketch).mean())
+
+
 class KGramIndex:
     """k-gram hash -> [(segment id, offset)] for the token ids of stored segments.
 

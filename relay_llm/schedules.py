@@ -32,7 +32,9 @@ class PrefillPlan:
 
     prefix_hit: tokens [0, prefix_hit) have exact-prefix K/V. spans: stored stretches whose K/V
     (rotated) are in the buffers. span_hidden: per span, (layer, [length, hidden_size] residual-stream
-    input of that layer from the upstream decode) or None. num_layers: of the model.
+    input of that layer from the upstream decode) or None. span_changed: per span, the share of the prompt
+    ahead of it that its segment never saw ahead of it (`matcher.changed_share`; 1.0 = all new or unknown).
+    num_layers: of the model.
     """
 
     n_tokens: int
@@ -40,6 +42,7 @@ class PrefillPlan:
     prefix_hit: int = 0
     spans: list[Match] = field(default_factory=list)
     span_hidden: list[tuple[int, torch.Tensor] | None] = field(default_factory=list)
+    span_changed: list[float] = field(default_factory=list)
 
     def span_mask(self) -> torch.Tensor:
         """[n_tokens] bool: token lies in a reused span."""
@@ -190,9 +193,24 @@ class _RelayPlan(_SpanPlan):
             if self._enters_at_start(hid):
                 self.entry[sl] = sched.start
         self.edges = self._edges(sched.selector)
-        self.detect = sched.selector.detect
-        self.selected = self.edges.clone() if not self.detect else torch.zeros_like(self.edges)
+        self.detecting = self._detecting(sched.selector)
+        self.selected = self.edges & ~self.detecting  # the detecting spans' selection is made at det_layer
         self.guarded = torch.zeros_like(self.selected)  # spans the quality guard recomputes in full
+
+    def _detecting(self, cfg: SelectorConfig) -> torch.Tensor:
+        """[S] bool: tokens of the logical spans that go through the detection: with `detect`, each span whose
+        share of changed context ahead (`PrefillPlan.span_changed`, of its first piece) is at least
+        `detect_changed`; the others get the edge rule alone."""
+        out = torch.zeros(self.span_idx.numel(), dtype=torch.bool, device=self.ex.device)
+        if not cfg.detect:
+            return out
+        changed = self.plan.span_changed
+        starts = dict(self.span_slices())
+        for members in span_groups(self.plan.spans):
+            share = changed[members[0]] if changed else 1.0
+            if share >= cfg.detect_changed:
+                out[starts[members[0]].start : starts[members[-1]].stop] = True
+        return out
 
     def _edges(self, cfg: SelectorConfig) -> torch.Tensor:
         """[S] bool: the first `prefix` tokens of every span piece (each follows text the stored copy never saw
@@ -213,10 +231,8 @@ class _RelayPlan(_SpanPlan):
             return self.selected  # all False
         if layer == s.start:
             self._inject(state)
-        if not self.detect:
-            return self.selected & (self.entry <= layer) if layer <= s.end else self.guarded
         if layer < s.det:
-            return self.entry <= layer
+            return (self.selected | self.detecting) & (self.entry <= layer)
         if layer == s.det:
             return self._detect(state)
         if layer <= s.end:
@@ -232,27 +248,34 @@ class _RelayPlan(_SpanPlan):
     def _detect(self, state: LayerState) -> torch.Tensor:
         """The detection at det_layer, before the layer runs; returns the span tokens computed from it on.
 
-        Every token of the run goes through the layer's k/v-projections alone (`Executor.keys_values`), from
-        its fresh input: the deviation compares each span token's value with the stored one, and the
-        influence is the attention of the new tokens after the first span to each span token, over these
-        fresh keys. Then the quality guard and the selection rules, per logical span. The stored K/V of the
-        tokens not selected stay in use, at det_layer too.
+        The tokens computed so far (new tokens, the detecting spans, the other spans' edges) go through the
+        layer's k/v-projections alone (`Executor.keys_values`), from their fresh input: the deviation compares
+        each detecting span token's value with the stored one, and the influence is the attention of the new
+        tokens after the first span to each span token, over these fresh keys (stored keys elsewhere). Then
+        the quality guard and the selection rules, per detecting logical span. The stored K/V of the tokens
+        not selected stay in use, at det_layer too.
         """
-        if not self.span_idx.numel():
+        if not self.detecting.any():
             return self.selected
         cfg, kv, layer, pos = self.s.selector, state.kv, state.layer, state.positions
-        keys, values = self.ex.keys_values(layer, state.hidden, pos)
-        dev = value_deviation(kv.values[layer][:, pos[self.span_idx]], values[:, self.span_idx])
+        fresh = torch.cat([self.new, self.span_idx[self.detecting | self.selected]]).sort().values
+        keys, values = self.ex.keys_values(layer, state.hidden[fresh], pos[fresh])
+        tested = self.span_idx[self.detecting]
+        dev = torch.zeros(self.span_idx.numel(), device=self.ex.device)
+        dev[self.detecting] = value_deviation(kv.values[layer][:, pos[tested]],
+                                              values[:, torch.searchsorted(fresh, tested)])
         q_idx = self.new[self.new > self.span_idx[0]]
         if q_idx.numel():
             length = int(pos[-1]) + 1
             all_keys = kv.keys[layer][:, :length].clone()
-            all_keys[:, pos] = keys
+            all_keys[:, pos[fresh]] = keys
             probs = self.ex.attention_probs(layer, state.hidden[q_idx], pos[q_idx], all_keys)
             infl = probs[:, pos[self.span_idx]].sum(0)
         else:
             infl = torch.zeros_like(dev)
         for i, sl in self.group_slices():
+            if not self.detecting[sl.start]:
+                continue
             mean_dev = float(dev[sl].mean())
             if mean_dev > cfg.max_span_deviation:
                 self.guarded[sl] = True

@@ -26,7 +26,9 @@ class SelectorConfig:
     fresh values and keys from the k/v-projections alone: the deviation and influence rules pick the tokens
     computed from det_layer on); False: recompute only the edge tokens, at every layer of the band, with no
     detection pass. The prefix rule applies at every piece of a span (after re-tokenisation holes too), the
-    suffix at its end.
+    suffix at its end. detect_changed: with detect, only a span whose share of changed context ahead of it
+    (the prompt's k-grams before it that its segment never saw before it, `matcher.changed_share`) is at
+    least this goes through the detection; the others get the edge rule alone (0 = every span, the paper).
     """
 
     tau_dev: float = 1.5
@@ -38,6 +40,7 @@ class SelectorConfig:
     min_span_tokens: int = 16
     dev_floor: float = 0.0
     detect: bool = True
+    detect_changed: float = 0.0
 
     def updated(self, overrides: dict | None) -> SelectorConfig:
         if not overrides:

@@ -69,7 +69,8 @@ class Segment:
     token_ids: [n] int64. keys, values: [num_layers, kv_heads, n, head_dim] (keys post-RoPE at
     positions start_pos .. start_pos + n - 1). hidden: [n, hidden_size] residual-stream input of
     `hidden_layer` for each token (None if not captured). kind: "decode" (generated) or "prefill".
-    fingerprint: model weights + dtype + profile version the K/V were made with.
+    fingerprint: model weights + dtype + profile version the K/V were made with. context: sorted k-gram
+    hashes of the tokens ahead of it when it was made (`matcher.context_sketch`), or None (unknown).
     """
 
     token_ids: torch.Tensor
@@ -84,6 +85,7 @@ class Segment:
     hits: int = 0
     reused_tokens: int = 0  # tokens of this segment spliced into requests, summed over hits
     priority: float = field(default=0.0, repr=False)
+    context: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.token_ids.numel())
@@ -100,8 +102,8 @@ class Segment:
 
     @property
     def charged_bytes(self) -> int:
-        """What the store's budget counts for it: its tensors plus its share of the k-gram index."""
-        return self.nbytes + self.index_bytes
+        """What the store's budget counts: its tensors, its share of the k-gram index, its context sketch."""
+        return self.nbytes + self.index_bytes + (self.context.nbytes if self.context is not None else 0)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"token_ids": self.token_ids, "keys": self.keys, "values": self.values, "hidden": self.hidden}

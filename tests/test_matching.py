@@ -15,7 +15,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay_llm.matcher import MIN_PIECE, KGramIndex, chunk_bounds, select, span_groups, window_hashes
+from relay_llm.matcher import (
+    MIN_PIECE,
+    KGramIndex,
+    changed_share,
+    chunk_bounds,
+    context_sketch,
+    select,
+    span_groups,
+    window_hashes,
+)
 from relay_llm.schedules import get_schedule
 from relay_llm.stats import RequestStats
 from relay_llm.store import Segment, SegmentStore
@@ -54,7 +63,7 @@ def relay_answer(engine, question: str, answer: str, system: str | None = None) 
     kv = ex.new_buffers(len(prompt) + len(ans))
     res = ex.run(torch.tensor(prompt + ans), 0, kv, capture_layer=engine.capture_layer)
     keys, values = kv.slice(len(prompt), len(prompt) + len(ans))
-    seg = engine._segment(ans, keys, values, len(prompt), res.captured[len(prompt):], "decode")
+    seg = engine._segment(ans, keys, values, len(prompt), res.captured[len(prompt):], "decode", prompt)
     assert engine.store.add(seg)
     return ans
 
@@ -479,3 +488,14 @@ def test_real_model_partial_quote_of_a_code_block_is_reused(default_engine):
     stats = e.chat(msgs, max_new_tokens=1, schedule="naive").stats
     assert stats.span_kinds.get("decode", 0) >= len(q) - 4, (quote, stats)
     assert stats.span_kinds.get("decode", 0) <= len(q) + 1
+
+
+def test_changed_share_of_the_context_ahead_of_a_span():
+    seen = list(range(100, 160))
+    sketch = context_sketch(seen)
+    assert sketch.dtype == np.uint64 and np.all(np.diff(sketch.astype(np.float64)) > 0)
+    assert changed_share(seen, sketch) == 0.0
+    assert changed_share(list(range(500, 560)), sketch) == 1.0
+    assert changed_share(list(range(500, 530)) + seen, sketch) == pytest.approx(30 / 87)  # 4-grams
+    assert changed_share(seen, None) == 1.0  # unknown context: changed
+    assert changed_share([], sketch) == 1.0 and changed_share([], context_sketch([])) == 0.0

@@ -137,6 +137,23 @@ def test_detection_computes_every_selected_token_from_det_on(tiny, monkeypatch):
         assert not (after & ~before).any()
 
 
+def test_detection_runs_only_where_the_context_ahead_of_a_span_changed(tiny):
+    """detect_changed: a span pasted after the very prompt it was generated from (no context changed) gets
+    the edge rule alone; the same span after other text goes through the detection."""
+    first = _ids(25, 50)
+    out = tiny.complete(first, max_new_tokens=24).token_ids
+    last = tiny.executor.num_layers - 1
+    settings = {"start_layer": 0, "det_layer": 1, "end_layer": last, "min_span_tokens": 1, "prefix": 2,
+                "suffix": 0, "tau_dev": 0.0, "max_span_deviation": 2.0, "detect_changed": 0.5}
+    for before, detected in ((first, False), (_ids(30, 51), True)):
+        tiny.prefix_cache.clear()
+        stats = tiny.complete(before + out + _ids(5, 52), max_new_tokens=1, schedule="relay",
+                              relay=settings).stats
+        assert stats.span_tokens == 24
+        # detection with tau_dev 0 selects every token; without it, the 2 edge tokens at every layer
+        assert stats.recomputed_cells == (24 if detected else 2) * (last + 1), (before, stats)
+
+
 def test_edges_apply_at_every_piece_of_a_span_split_by_a_hole():
     """A span split by a re-tokenisation hole is one logical span, but each piece's first tokens follow ids the
     stored copy never saw next to them: both pieces get the prefix rule, only the span's end the suffix."""

@@ -152,12 +152,13 @@ def test_index_charge_covers_the_measured_index_memory():
 
 
 def test_engine_bytes_per_token(tiny):
-    """Decode segments hold K/V (+ ids and one hidden vector) per token: measured, not assumed."""
+    """Decode segments hold K/V (+ ids and one hidden vector) per token, and a sketch of the prompt ahead of
+    them (8 bytes per distinct 4-gram: one here): measured, not assumed."""
     tiny.complete([5] * 10, max_new_tokens=20)
     s = tiny.store.stats()
     kv = tiny.executor.kv_bytes_per_token()
     hidden = tiny.executor.config.hidden_size * 4
-    assert s["bytes_per_token"] == kv + hidden + 8 + INDEX_BYTES_PER_TOKEN
+    assert s["bytes_per_token"] == kv + hidden + 8 + INDEX_BYTES_PER_TOKEN + 8 / s["tokens"]
     assert s["index_bytes"] == INDEX_BYTES_PER_TOKEN * s["tokens"]
 
 

@@ -74,6 +74,14 @@ def _estimate(records, quick, full, run_info: dict) -> dict:
     if ctx:
         top = max(ctx)
         parts["long context"] = sum(ctx[top] * (c / top) ** 1.3 for c in full.contexts)
+    bf = records.__class__(records.root / "bf16", {**records.signature, "dtype": "bfloat16"})
+    bf_notes, bf_ctx = bf.all("notes"), {r["context"]: r.get("elapsed_s", 0.0) for r in bf.all("context")}
+    if bf_notes and full.bf16_chains:
+        per = sum(r.get("elapsed_s", 0.0) for r in bf_notes) / len(bf_notes)
+        parts["bf16"] = per * full.bf16_chains * size["notes"]
+    if bf_ctx and full.bf16_contexts:
+        top = max(bf_ctx)
+        parts["bf16"] = parts.get("bf16", 0.0) + sum(bf_ctx[top] * (c / top) ** 1.3 for c in full.bf16_contexts)
     peers = records.load("peers", "chain")
     if peers and full.peers:
         parts["peers"] = peers.get("elapsed_s", 0.0) * full.peer_tokens / max(1, quick.peer_tokens)
@@ -127,6 +135,10 @@ def render(r: dict) -> str:
         "tasks it can do sometimes, and fidelity to full prefill (KL, top-1, identical greedy continuation) on all.",
         "",
     ]
+    if run.get("bf16_git"):
+        g = run["bf16_git"]
+        lines += [f"The bf16 rows were measured at commit {g.get('commit', '?')}"
+                  + (f" plus uncommitted changes to {', '.join(g['changed'])}" if g.get("changed") else "") + ".", ""]
     if r.get("full_estimate"):
         est = r["full_estimate"]
         parts = ", ".join(f"{k} {v / 60:.0f} min" for k, v in est["parts"].items())
@@ -160,7 +172,9 @@ def render(r: dict) -> str:
         "* `ideal` is the cost floor: `naive` (all span tokens reused, nothing recomputed) with the exact-prefix cache "
         "holding the prompt up to its first reused span. Its K/V equal naive's, so its fidelity is naive's.",
         "* TTFT: the engine's time to first token of a call with the prefix cache as `methods.py` describes, median "
-        "of the preset's repeats. bf16 is not run by this harness (fp32 only): see docs/benchmarks.md for bf16.",
+        "of the preset's repeats.",
+        "* Precision: everything in fp32; Q2a and Q2c also in bf16 (rows marked bfloat16): the first 5-agent chains "
+        "and some long-context points re-run whole by a bf16 engine, KL against bf16's own full prefill.",
         "",
     ]
     return "\n".join(lines)

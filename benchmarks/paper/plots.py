@@ -56,7 +56,7 @@ def write(tables: dict[str, dict], out: Path) -> list[Path]:
     axes[1].legend(fontsize=7)
     save(fig, "q1_quality.png")
 
-    rows = tables["q2_agents"]["rows"]
+    rows = [r for r in tables["q2_agents"]["rows"] if r["dtype"] == "float32"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in METHODS:
         pts = [(r["agent"], r["TTFT (s)"]) for r in rows if r["method"] == m]
@@ -64,11 +64,11 @@ def write(tables: dict[str, dict], out: Path) -> list[Path]:
             ax.plot(*zip(*pts, strict=True), marker="o", label=m)
     ax.set_xlabel("agent")
     ax.set_ylabel("TTFT (s)")
-    ax.set_title("Q2 per-agent TTFT, chain of notes")
+    ax.set_title("Q2 per-agent TTFT, chain of notes (fp32)")
     ax.legend(fontsize=8)
     save(fig, "q2_agents.png")
 
-    rows = tables["q2_context"]["rows"]
+    rows = [r for r in tables["q2_context"]["rows"] if r["dtype"] == "float32"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m in METHODS:
         pts = [(r["context"], r["agent 3 TTFT (s)"], r["avg speed-up"]) for r in rows if r["method"] == m]
@@ -81,7 +81,7 @@ def write(tables: dict[str, dict], out: Path) -> list[Path]:
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(ylabel)
     axes[0].set_yscale("log")
-    axes[0].set_title("Q2 long context")
+    axes[0].set_title("Q2 long context (fp32)")
     axes[1].legend(fontsize=8)
     save(fig, "q2_context.png")
 

@@ -27,12 +27,16 @@ class Preset:
     peer_tokens: int = 96  # new tokens per agent when peers run the 5-agent chain
     peers: bool = True
     chain_lengths: tuple[int, ...] = (5, 2, 3, 4)  # agents per chain-of-notes item, cycled
+    # Q2 in bf16 too: the first `bf16_chains` 5-agent chain items and these long-context points, re-run whole
+    # (upstream outputs included) by a bf16 engine; KL against bf16's own full prefill.
+    bf16_chains: int = 4
+    bf16_contexts: tuple[int, ...] = (1024, 4096)
 
     def signature(self) -> dict:
         """What a per-item record must match to be reused on resume."""
         d = asdict(self)
-        d.pop("name")
-        d.pop("repeats")
+        for key in ("name", "repeats", "bf16_chains", "bf16_contexts"):  # bf16 units are records of their own
+            d.pop(key)
         return d
 
     def sweep_values(self) -> dict:
@@ -52,7 +56,8 @@ QUICK_SWEEPS = {"tau_dev": [3.0], "tau_inf": [3.0], "suffix": [0], "end_layer": 
 
 PRESETS = {
     "quick": Preset("quick", facts=2, code=1, notes=1, records=10, report_tokens=64, code_tokens=48, note_tokens=32,
-                    contexts=(512, 1024), sweep_items=1, sweeps=QUICK_SWEEPS, repeats=1, peer_tokens=16),
+                    contexts=(512, 1024), sweep_items=1, sweeps=QUICK_SWEEPS, repeats=1, peer_tokens=16,
+                    bf16_chains=1, bf16_contexts=(1024,)),
     # Sized from the quick preset's per-item times (docs/results/README.md, "Run time of --preset full").
     "full": Preset("full", facts=40, code=40, notes=40, records=12, report_tokens=80, code_tokens=96, note_tokens=48,
                    sweep_items=4, sweeps=FULL_SWEEPS),
@@ -63,4 +68,4 @@ def smallest() -> Preset:
     """The quick preset at its smallest sizes (the test suite's)."""
     return replace(PRESETS["quick"], facts=1, code=1, notes=1, records=4, report_tokens=20, code_tokens=8,
                    note_tokens=16, contexts=(160,), sweeps={"suffix": [0]}, peer_tokens=4, steps=4,
-                   chain_lengths=(2,), peers=False, name="smallest")
+                   chain_lengths=(2,), peers=False, bf16_chains=0, bf16_contexts=(), name="smallest")

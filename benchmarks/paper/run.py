@@ -26,7 +26,7 @@ from .records import Progress, Records
 from .scoring import exact_match
 
 PROSE_PENALTY = 1.1
-WEIGHTS = {"facts": 1.0, "code": 2.5, "notes": 3.0, "context": 4.0, "peers": 3.0}  # nominal relative cost
+WEIGHTS = {"facts": 1.0, "code": 2.5, "notes": 3.0, "context": 4.0, "peers": 3.0, "bf16": 4.0}  # nominal relative cost
 
 
 def variants(engine, preset: Preset) -> dict[str, tuple[str, dict]]:
@@ -129,6 +129,32 @@ def context_point(engine, context: int, preset: Preset) -> dict:
             "probes": out}
 
 
+def bf16_pass(preset: Preset, records: Records, chains: list[dict], progress: Progress, log) -> None:
+    """Q2 in bf16: `chains` (chain-of-notes items) and `preset.bf16_contexts`, whole, on a bf16 engine; records in
+    OUT/raw/<preset>/bf16/ ("notes", "context")."""
+    from relay_llm import EngineConfig, RelayEngine
+
+    bf = Records(records.root / "bf16", {"preset": preset.signature(), "dtype": "bfloat16"})
+    units = [("notes", it["id"], lambda e, it=it: notes_item(e, it, preset, METHODS)) for it in chains]
+    units += [("context", f"ctx{c:05d}", lambda e, c=c: context_point(e, c, preset)) for c in preset.bf16_contexts]
+    engine = None
+    for section, key, fn in units:
+        if bf.load(section, key) is not None:
+            progress.step("bf16", f"bf16 {key}", None, resumed=True)
+            continue
+        if engine is None:
+            print("# loading the default model (bf16)", file=log, flush=True)
+            t = time.perf_counter()
+            engine = RelayEngine.load("default", dtype="bfloat16", config=EngineConfig(store_prompt=False))
+            engine.complete(engine.render([{"role": "user", "content": "Hello there."}]), max_new_tokens=2)  # warm-up
+            bf.save("run", "engine", {"info": engine.info(), "load_s": time.perf_counter() - t, "git": git_state()})
+        t = time.perf_counter()
+        bf.save(section, key, {**fn(engine), "elapsed_s": time.perf_counter() - t})
+        progress.step("bf16", f"bf16 {key}", time.perf_counter() - t)
+    if engine is not None:
+        engine.close()
+
+
 def git_state() -> dict:
     """The commit measured and the tracked files changed on top of it (the run measures the working tree)."""
     import subprocess
@@ -175,7 +201,10 @@ def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
     jobs += [("code", it, code_item) for it in coding.make_items(preset.code)]
     jobs += [("notes", it, notes_item) for it in notes.make_items(preset.notes, lengths=preset.chain_lengths)]
     plan = {k: sum(1 for j in jobs if j[0] == k) for k in ("facts", "code", "notes")}
-    plan |= {"context": len(preset.contexts), "peers": int(preset.peers)}
+    bf16_chains = [it for it in notes.make_items(preset.notes, lengths=preset.chain_lengths)
+                   if it["agents"] == 5][: preset.bf16_chains]
+    plan |= {"context": len(preset.contexts), "peers": int(preset.peers),
+             "bf16": len(bf16_chains) + len(preset.bf16_contexts)}
     progress = Progress(plan, WEIGHTS, log)
     seen: dict[str, int] = {}
     for family, item, fn in jobs:
@@ -200,7 +229,8 @@ def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
         records.save("context", key, {**data, "elapsed_s": time.perf_counter() - t})
         progress.step("context", key, time.perf_counter() - t)
     if "engine" in loaded:
-        loaded["engine"].close()  # peers run alone: nothing of ours stays resident
+        loaded["engine"].close()  # the bf16 engine and the peers run alone: nothing of ours stays resident
+    bf16_pass(preset, records, bf16_chains, progress, log)
     chain = next((r for r in records.all("notes") if len(r["agents"]) == 5), None)
     if preset.peers and records.load("peers", "chain") is None and chain is not None:
         from .peers import run_peers
@@ -217,8 +247,12 @@ def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
     run_info = {"wall_s": time.perf_counter() - t0, "load_s": info.get("load_s", 0.0), "engine": info.get("info", {}),
                 "git": info.get("git", git_state()),
                 "resumed": "engine" not in loaded}
-    run_info["measured_s"] = run_info["load_s"] + sum(
-        r.get("elapsed_s", 0.0) for sec in ("facts", "code", "notes", "context", "peers") for r in records.all(sec))
+    bf = Records(records.root / "bf16", {**records.signature, "dtype": "bfloat16"})
+    sections = ("facts", "code", "notes", "context", "peers")
+    spent = [r.get("elapsed_s", 0.0) for sec in sections for r in records.all(sec)]
+    spent += [r.get("elapsed_s", 0.0) for sec in ("notes", "context") for r in bf.all(sec)]
+    run_info["measured_s"] = run_info["load_s"] + (bf.load("run", "engine") or {}).get("load_s", 0.0) + sum(spent)
+    run_info["bf16_git"] = (bf.load("run", "engine") or {}).get("git")
     return page.write(out, records, preset, run_info)
 
 

@@ -68,20 +68,23 @@ def q1(fam: dict[str, list[dict]]) -> dict:
                     "speed-up: mean TTFT of full / mean TTFT of the method."}
 
 
-def q2_agents(fam: dict[str, list[dict]]) -> dict:
+def q2_agents(fam: dict[str, list[dict]], bf16: list[dict] | None = None) -> dict:
     rows = []
-    for agent in (2, 3, 4, 5):
-        by = _rows(fam.get("notes", []), lambda k, a=agent: k == f"agent{a}")
-        for m in METHODS:
-            if m in by:
-                rs = by[m]
-                rows.append({"agent": agent, "method": m, "items": len(rs),
-                             "prompt": mean(r["prompt_tokens"] for r in rs),
-                             "TTFT (s)": mean(r["ttft_s"] for r in rs), "speed-up": _speedup(rs, by["full"]),
-                             "reuse": mean(r["reuse_rate"] for r in rs), "mean KL": mean(r["kl_mean"] for r in rs)})
+    for dtype, recs in (("float32", fam.get("notes", [])), ("bfloat16", bf16 or [])):
+        for agent in (2, 3, 4, 5):
+            by = _rows(recs, lambda k, a=agent: k == f"agent{a}")
+            for m in METHODS:
+                if m in by:
+                    rs = by[m]
+                    rows.append({"dtype": dtype, "agent": agent, "method": m, "items": len(rs),
+                                 "prompt": mean(r["prompt_tokens"] for r in rs),
+                                 "TTFT (s)": mean(r["ttft_s"] for r in rs), "speed-up": _speedup(rs, by["full"]),
+                                 "reuse": mean(r["reuse_rate"] for r in rs), "mean KL": mean(r["kl_mean"] for r in rs)})
     return {"key": "q2_agents", "title": "Q2a. Per-agent TTFT in the chain of notes (agents 2-5)", "rows": rows,
-            "columns": ["agent", "method", "items", "prompt", "TTFT (s)", "speed-up", "reuse", "mean KL"],
-            "note": "mean over the chain items that have that agent (agent 5: the 5-agent chains); speed-up vs full."}
+            "columns": ["dtype", "agent", "method", "items", "prompt", "TTFT (s)", "speed-up", "reuse", "mean KL"],
+            "note": "mean over the chain items that have that agent (agent 5: the 5-agent chains); speed-up vs full "
+                    "in the same precision. bfloat16 rows: the first 5-agent chains re-run whole by a bf16 engine "
+                    "(its own upstream outputs; KL against bf16 full prefill)."}
 
 
 def q2_reuse(fam: dict[str, list[dict]]) -> dict:
@@ -96,21 +99,23 @@ def q2_reuse(fam: dict[str, list[dict]]) -> dict:
                     "(reusable: prefix-cache hits and stored spans found in the prompt)."}
 
 
-def q2_context(ctx: list[dict]) -> dict:
+def q2_context(ctx: list[dict], bf16: list[dict] | None = None) -> dict:
     rows = []
-    for rec in sorted(ctx, key=lambda r: r["context"]):
-        p = rec["probes"]
-        for m in METHODS:
-            sp = [p[a]["full"]["ttft_s"] / p[a][m]["ttft_s"] for a in ("agent2", "agent3")]
-            rows.append({"context": rec["context"], "method": m, "agent 2 TTFT (s)": p["agent2"][m]["ttft_s"],
-                         "agent 3 TTFT (s)": p["agent3"][m]["ttft_s"], "avg speed-up": mean(sp),
-                         "reuse": mean(p[a][m]["reuse_rate"] for a in ("agent2", "agent3")),
-                         "mean KL": mean(p[a][m]["kl_mean"] for a in ("agent2", "agent3"))})
+    for dtype, recs in (("float32", ctx), ("bfloat16", bf16 or [])):
+        for rec in sorted(recs, key=lambda r: r["context"]):
+            p = rec["probes"]
+            for m in METHODS:
+                sp = [p[a]["full"]["ttft_s"] / p[a][m]["ttft_s"] for a in ("agent2", "agent3")]
+                rows.append({"dtype": dtype, "context": rec["context"], "method": m,
+                             "agent 2 TTFT (s)": p["agent2"][m]["ttft_s"], "agent 3 TTFT (s)": p["agent3"][m]["ttft_s"],
+                             "avg speed-up": mean(sp),
+                             "reuse": mean(p[a][m]["reuse_rate"] for a in ("agent2", "agent3")),
+                             "mean KL": mean(p[a][m]["kl_mean"] for a in ("agent2", "agent3"))})
     return {"key": "q2_context", "title": "Q2c. Long context: 3 agents, agent 3's prompt of about N tokens",
-            "rows": rows, "columns": ["context", "method", "agent 2 TTFT (s)", "agent 3 TTFT (s)", "avg speed-up",
-                                      "reuse", "mean KL"],
+            "rows": rows, "columns": ["dtype", "context", "method", "agent 2 TTFT (s)", "agent 3 TTFT (s)",
+                                      "avg speed-up", "reuse", "mean KL"],
             "note": "avg speed-up: mean over agents 2 and 3 of full's TTFT / the method's (the paper's per-agent "
-                    "average). Upstream outputs made by prefill (`longctx.py`)."}
+                    "average), in the same precision. Upstream outputs made by prefill (`longctx.py`)."}
 
 
 def q2_floor(fam: dict[str, list[dict]], ctx: list[dict]) -> dict:
@@ -244,12 +249,13 @@ def targets(tables: dict[str, dict]) -> dict:
                          "method": "relay",
                          "ours": f"{100 * relay['accuracy']:.1f} % vs {100 * full['accuracy']:.1f} %",
                          "met": gap <= TARGETS["accuracy_points"], "gap": f"{gap:+.1f} points"})
-    a5 = next((r for r in tables["q2_agents"]["rows"] if r["agent"] == 5 and r["method"] == "relay"), None)
+    a5 = next((r for r in tables["q2_agents"]["rows"]
+               if r["agent"] == 5 and r["method"] == "relay" and r["dtype"] == "float32"), None)
     if a5:
         rows.append({"target": "agent-5 TTFT speed-up vs full", "paper": "4.7x", "method": "relay",
                      "ours": f"{a5['speed-up']:.2f}x", "met": a5["speed-up"] >= TARGETS["agent5"],
                      "gap": f"{a5['speed-up'] / TARGETS['agent5']:.0%} of the target"})
-    ctx = [r for r in tables["q2_context"]["rows"] if r["method"] == "relay"]
+    ctx = [r for r in tables["q2_context"]["rows"] if r["method"] == "relay" and r["dtype"] == "float32"]
     if ctx:
         top = max(ctx, key=lambda r: r["context"])
         rows.append({"target": f"long-context avg per-agent speed-up (at {top['context']} tokens)", "paper": "9.2x",
@@ -288,7 +294,9 @@ def build(records, sweeps: dict) -> dict[str, dict]:
     fam = {f: records.all(f) for f in FAMILIES}
     ctx = records.all("context")
     peers = records.load("peers", "chain")
-    tables = {"q1": q1(fam), "q2_agents": q2_agents(fam), "q2_reuse": q2_reuse(fam), "q2_context": q2_context(ctx),
+    bf = records.__class__(records.root / "bf16", {**records.signature, "dtype": "bfloat16"})
+    tables = {"q1": q1(fam), "q2_agents": q2_agents(fam, bf.all("notes")), "q2_reuse": q2_reuse(fam),
+              "q2_context": q2_context(ctx, bf.all("context")),
               "q2_floor": q2_floor(fam, ctx), "q2_wall": q2_wall(fam, peers), "q3": q3(fam, shipped),
               "q4": q4(fam, sweeps)}
     tables["targets"] = targets(tables)

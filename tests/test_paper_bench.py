@@ -126,3 +126,11 @@ def test_smallest_run_writes_every_table_and_plot(tmp_path):
     # A second run resumes from the records: nothing is measured again.
     again = run(smallest(), tmp_path)
     assert again["tables"]["q1"]["rows"] == json.loads(json.dumps(results["tables"]["q1"]["rows"]))
+
+
+def test_cli_has_bench_paper_and_finds_the_checkout():
+    from relay_llm import cli
+
+    args = cli.build_parser().parse_args(["bench", "paper", "--preset", "full", "--out", "x"])
+    assert (args.bench, args.preset, args.out) == ("paper", "full", "x")
+    assert cli._benchmarks_root() == ROOT

@@ -35,8 +35,8 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "naive": ("naive", None),
     "cacheblend": ("cacheblend", None),
     "epic": ("epic", None),
-    "relay": ("relay", None),  # the shipped profile: detection at det_layer (k/v only), floor 0.03, piece edges
-    "relay (paper thresholds)": ("relay", {"dev_floor": 0.0, "suffix": 10}),  # tau rules alone, suffix 10
+    "relay": ("relay", None),  # the shipped profile: edges alone where the context ahead barely changed
+    "relay (detect all)": ("relay", {"detect_changed": 0.0}),  # the detection on every span
     "relay (edges only)": ("relay", {"detect": False}),  # no detection pass: the piece edges at every layer
 }
 STEPS = 20

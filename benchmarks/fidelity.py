@@ -48,10 +48,10 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "naive": ("naive", None),
     "cacheblend": ("cacheblend", None),
     "epic": ("epic", None),
-    "relay": ("relay", None),
-    "relay (dev floor 0.005)": ("relay", {"dev_floor": 0.005}),  # nothing selected below that deviation
-    "relay (budget 0.1)": ("relay", {"recompute_budget": 0.1}),
-    "relay (no edge repair)": ("relay", {"prefix": 0}),  # the selector without its first-tokens rule
+    "relay": ("relay", None),  # the shipped profile
+    "relay (no suffix)": ("relay", {"suffix": 0}),  # without the paper's suffix rule
+    "relay (floor 0.03)": ("relay", {"dev_floor": 0.03}),  # nothing selected below that deviation
+    "relay (edges only)": ("relay", {"detect": False}),  # no detection pass: the piece edges at every layer
 }
 SHORT_PREFIX = (
     "You are the Reviewer agent of a small software team. The Architect agent has written the design "
@@ -73,9 +73,7 @@ def make_segment(engine: RelayEngine, span: list[int]) -> Segment:
     kv = ex.new_buffers(len(head) + len(span))
     run = ex.run(torch.tensor(head + span, device=ex.device), 0, kv, capture_layer=engine.capture_layer)
     keys, values = kv.slice(len(head), len(head) + len(span))
-    return Segment(token_ids=torch.tensor(span), keys=keys, values=values, start_pos=len(head),
-                   fingerprint=engine.store_fingerprint, kind="decode",
-                   hidden=run.captured[len(head):].clone(), hidden_layer=engine.capture_layer)
+    return engine._segment(span, keys, values, len(head), run.captured[len(head):], "decode", head)
 
 
 def fresh(engine: RelayEngine, seg: Segment) -> None:

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from relay_llm.engine import RelayEngine
+from relay_llm.matcher import context_sketch
 from relay_llm.stats import RequestStats
 from relay_llm.store import Segment
 
@@ -184,7 +185,7 @@ def prefill_settings(engine: RelayEngine, dtype: str, spans: list[int]) -> list[
         seg = Segment(
             token_ids=torch.tensor(span_all[:n], dtype=torch.long), keys=keys, values=values,
             start_pos=len(head), fingerprint=engine.store_fingerprint, kind="decode",
-            hidden=run.captured[len(head) : len(head) + n].clone(), hidden_layer=layer,
+            hidden=run.captured[len(head) : len(head) + n].clone(), hidden_layer=layer, context=context_sketch(head),
         )
         up_keys, up_values = kv.slice(0, len(head) + n)
         out.append(Setting(dtype, n, "prefill", downstream_prompt(engine, span_all[:n]), seg,

@@ -192,8 +192,8 @@ class _RelayPlan(_SpanPlan):
         for (_, sl), hid in zip(self.span_slices(), plan.span_hidden, strict=True):
             if self._enters_at_start(hid):
                 self.entry[sl] = sched.start
-        self.edges = self._edges(sched.selector)
         self.detecting = self._detecting(sched.selector)
+        self.edges = self._edges(sched.selector)
         self.selected = self.edges & ~self.detecting  # the detecting spans' selection is made at det_layer
         self.guarded = torch.zeros_like(self.selected)  # spans the quality guard recomputes in full
 
@@ -214,12 +214,14 @@ class _RelayPlan(_SpanPlan):
 
     def _edges(self, cfg: SelectorConfig) -> torch.Tensor:
         """[S] bool: the first `prefix` tokens of every span piece (each follows text the stored copy never saw
-        next to it: a header, or a re-tokenisation hole) and the last `suffix` tokens of every logical span."""
+        next to it: a header, or a re-tokenisation hole) and the last `suffix` tokens of every logical span that
+        goes through the detection (the paper's suffix rule belongs to its selection)."""
         edges = torch.zeros(self.span_idx.numel(), dtype=torch.bool, device=self.ex.device)
         for _, sl in self.span_slices():
             edges[sl.start : min(sl.stop, sl.start + cfg.prefix)] = True
         for _, sl in self.group_slices():
-            edges[max(sl.start, sl.stop - cfg.suffix) : sl.stop] = True
+            if self.detecting[sl.start]:
+                edges[max(sl.start, sl.stop - cfg.suffix) : sl.stop] = True
         return edges
 
     def _enters_at_start(self, hid: tuple[int, torch.Tensor] | None) -> bool:

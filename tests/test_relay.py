@@ -95,8 +95,9 @@ def test_relay_recomputes_each_spans_first_and_last_tokens_through_the_band(tiny
 
 
 def test_relay_without_detection_recomputes_only_the_edges_at_every_layer(tiny):
-    """detect=False: no detection pass; the first `prefix` tokens of the span (and the last `suffix`) at every
-    layer of the band, nothing else; a prefix covering the span is full recompute, none is naive."""
+    """detect=False: no detection pass; the first `prefix` tokens of the span at every layer of the band,
+    nothing else (the suffix rule belongs to the detection); a prefix covering the span is full recompute,
+    none is naive."""
     prompt, cont = _handoff(tiny, seed=36)
     last = tiny.executor.num_layers - 1
     settings = {"start_layer": 0, "det_layer": 0, "end_layer": last, "min_span_tokens": 1, "detect": False}
@@ -104,7 +105,7 @@ def test_relay_without_detection_recomputes_only_the_edges_at_every_layer(tiny):
         stats = tiny.complete(prompt, max_new_tokens=1, schedule="relay",
                               relay={**settings, "prefix": prefix, "suffix": suffix}).stats
         assert stats.span_tokens == 24
-        assert stats.recomputed_cells == (prefix + suffix) * (last + 1)
+        assert stats.recomputed_cells == prefix * (last + 1)
     full = tiny.teacher_force(prompt, cont, schedule="full")
     naive = tiny.teacher_force(prompt, cont, schedule="naive")
     whole = tiny.teacher_force(prompt, cont, schedule="relay", relay={**settings, "prefix": 24, "suffix": 0})
@@ -165,7 +166,7 @@ def test_edges_apply_at_every_piece_of_a_span_split_by_a_hole():
     spans = [Match(segment_id=1, start=2, offset=0, length=10), Match(segment_id=1, start=13, offset=11, length=8)]
     plan = PrefillPlan(n_tokens=24, num_layers=2, spans=spans, span_hidden=[None, None])
     ex = SimpleNamespace(device=torch.device("cpu"))
-    relay = Relay(0, 0, 1, SelectorConfig(detect=False, prefix=3, suffix=2))
+    relay = Relay(0, 0, 1, SelectorConfig(prefix=3, suffix=2))
     edges = relay.layer_plan(plan, ex).edges
     want = torch.zeros(18, dtype=torch.bool)
     want[[0, 1, 2, 10, 11, 12, 16, 17]] = True

@@ -12,10 +12,10 @@ class SelectorConfig:
     """Thresholds of the RelayCaching selector (per span, relative to the span's mean).
 
     tau_dev: select d_j >= tau_dev * mean(d). tau_inf: select s_j >= tau_inf * mean(s).
-    suffix: always select the last `suffix` tokens of a span that goes through the detection. prefix: always select its first `prefix`
-    tokens: they sit right after text the stored copy never saw, so their K/V carry the old context (a
-    span found in a prompt usually starts after a header such as "Review:" where the stored copy had
-    "Specification:"; see docs/fidelity.md, "Span edges"). recompute_budget: cap on the selected
+    suffix: always select the last `suffix` tokens of a span that goes through the detection. prefix: always
+    select its first `prefix` tokens: they sit right after text the stored copy never saw, so their K/V carry
+    the old context (a span found in a prompt usually starts after a header such as "Review:" where the
+    stored copy had "Specification:"; see docs/fidelity.md, "Span edges"). recompute_budget: cap on the selected
     fraction of a span's tokens (1.0 = no cap); over the cap, the prefix and suffix are kept first, then
     the tokens with the highest d/mean(d) + s/mean(s). max_span_deviation: quality guard; a span whose
     mean deviation exceeds it is recomputed in full. min_span_tokens: shorter spans are not reused.

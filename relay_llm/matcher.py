@@ -70,15 +70,11 @@ def context_sketch(ids: Sequence[int]) -> np.ndarray:
     return np.unique(window_hashes(np.asarray(ids, dtype=np.int64), CONTEXT_K))
 
 
-def changed_share(before: Sequence[int], sketch: np.ndarray | None) -> float:
-    """Share of the CONTEXT_K-grams of `before` (the prompt ahead of a span) that the span's segment never saw
-    ahead of it (`sketch`, from `context_sketch`): 0 = the same context, 1 = all new or unknown (no sketch)."""
-    if sketch is None:
-        return 1.0
+def changed_grams(before: Sequence[int], sketch: np.ndarray | None) -> int:
+    """How many CONTEXT_K-grams of `before` (the prompt ahead of a span) the span's segment never saw ahead of
+    it (`sketch`, from `context_sketch`; None = unknown: all of them)."""
     grams = window_hashes(np.asarray(before, dtype=np.int64), CONTEXT_K)
-    if not grams.size:
-        return 1.0 if sketch.size else 0.0
-    return float(1.0 - np.isin(grams, sketch).mean())
+    return int(grams.size if sketch is None else (~np.isin(grams, sketch)).sum())
 
 
 class KGramIndex:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .executor import KVBuffers
-from .matcher import changed_share
+from .matcher import changed_grams
 from .rope import rotate_layers
 from .schedules import PrefillPlan, Schedule
 from .stats import RequestStats
@@ -53,7 +53,7 @@ class Prefill:
         self.notes = [f"{len(found) - len(plan.spans)} span(s) too short to reuse: computed"] if len(found) > len(
             plan.spans) else []
         plan.span_hidden = [engine._span_hidden(m) for m in plan.spans]
-        plan.span_changed = [changed_share(ids[: m.start], getattr(m.segment, "context", None)) for m in plan.spans]
+        plan.span_changed = [changed_grams(ids[: m.start], getattr(m.segment, "context", None)) for m in plan.spans]
         if schedule.splice_spans:
             for m in plan.spans:
                 seg = m.segment

@@ -32,9 +32,8 @@ class PrefillPlan:
 
     prefix_hit: tokens [0, prefix_hit) have exact-prefix K/V. spans: stored stretches whose K/V
     (rotated) are in the buffers. span_hidden: per span, (layer, [length, hidden_size] residual-stream
-    input of that layer from the upstream decode) or None. span_changed: per span, the share of the prompt
-    ahead of it that its segment never saw ahead of it (`matcher.changed_share`; 1.0 = all new or unknown).
-    num_layers: of the model.
+    input of that layer from the upstream decode) or None. span_changed: per span, how many k-grams of the
+    prompt ahead of it its segment never saw ahead of it (`matcher.changed_grams`). num_layers: of the model.
     """
 
     n_tokens: int
@@ -42,7 +41,7 @@ class PrefillPlan:
     prefix_hit: int = 0
     spans: list[Match] = field(default_factory=list)
     span_hidden: list[tuple[int, torch.Tensor] | None] = field(default_factory=list)
-    span_changed: list[float] = field(default_factory=list)
+    span_changed: list[int] = field(default_factory=list)
 
     def span_mask(self) -> torch.Tensor:
         """[n_tokens] bool: token lies in a reused span."""
@@ -198,17 +197,16 @@ class _RelayPlan(_SpanPlan):
         self.guarded = torch.zeros_like(self.selected)  # spans the quality guard recomputes in full
 
     def _detecting(self, cfg: SelectorConfig) -> torch.Tensor:
-        """[S] bool: tokens of the logical spans that go through the detection: with `detect`, each span whose
-        share of changed context ahead (`PrefillPlan.span_changed`, of its first piece) is at least
-        `detect_changed`; the others get the edge rule alone."""
+        """[S] bool: tokens of the logical spans that go through the detection: with `detect`, each span with at
+        least `detect_changed` changed k-grams ahead of it (`PrefillPlan.span_changed`, of its first piece;
+        unknown: every span); the others get the edge rule alone."""
         out = torch.zeros(self.span_idx.numel(), dtype=torch.bool, device=self.ex.device)
         if not cfg.detect:
             return out
         changed = self.plan.span_changed
         starts = dict(self.span_slices())
         for members in span_groups(self.plan.spans):
-            share = changed[members[0]] if changed else 1.0
-            if share >= cfg.detect_changed:
+            if not changed or changed[members[0]] >= cfg.detect_changed:
                 out[starts[members[0]].start : starts[members[-1]].stop] = True
         return out
 

@@ -26,9 +26,9 @@ class SelectorConfig:
     fresh values and keys from the k/v-projections alone: the deviation and influence rules pick the tokens
     computed from det_layer on); False: recompute only the edge tokens, at every layer of the band, with no
     detection pass. The prefix rule applies at every piece of a span (after re-tokenisation holes too), the
-    suffix at its end. detect_changed: with detect, only a span whose share of changed context ahead of it
-    (the prompt's k-grams before it that its segment never saw before it, `matcher.changed_share`) is at
-    least this goes through the detection; the others get the edge rule alone (0 = every span, the paper).
+    suffix at its end. detect_changed: with detect, only a span with at least this many changed k-grams ahead
+    of it (k-grams of the prompt before it that its segment never saw before it, `matcher.changed_grams`)
+    goes through the detection; the others get the prefix edges alone (0 = every span, the paper).
     """
 
     tau_dev: float = 1.5
@@ -40,7 +40,7 @@ class SelectorConfig:
     min_span_tokens: int = 16
     dev_floor: float = 0.0
     detect: bool = True
-    detect_changed: float = 0.0
+    detect_changed: int = 0
 
     def updated(self, overrides: dict | None) -> SelectorConfig:
         if not overrides:
@@ -53,7 +53,7 @@ class SelectorConfig:
                 if not isinstance(value, bool):
                     raise ValueError(f"relay setting detect must be true or false, got {value!r}")
                 continue
-            kind = int if key in ("suffix", "prefix", "min_span_tokens") else (int, float)
+            kind = int if key in ("suffix", "prefix", "min_span_tokens", "detect_changed") else (int, float)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"relay setting {key} must be a number{' (integer)' if kind is int else ''}, "
                                  f"got {value!r}")

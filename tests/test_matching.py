@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from relay_llm.matcher import (
     MIN_PIECE,
     KGramIndex,
-    changed_share,
+    changed_grams,
     chunk_bounds,
     context_sketch,
     select,
@@ -490,12 +490,12 @@ def test_real_model_partial_quote_of_a_code_block_is_reused(default_engine):
     assert stats.span_kinds.get("decode", 0) <= len(q) + 1
 
 
-def test_changed_share_of_the_context_ahead_of_a_span():
+def test_changed_grams_of_the_context_ahead_of_a_span():
     seen = list(range(100, 160))
     sketch = context_sketch(seen)
     assert sketch.dtype == np.uint64 and np.all(np.diff(sketch.astype(np.float64)) > 0)
-    assert changed_share(seen, sketch) == 0.0
-    assert changed_share(list(range(500, 560)), sketch) == 1.0
-    assert changed_share(list(range(500, 530)) + seen, sketch) == pytest.approx(30 / 87)  # 4-grams
-    assert changed_share(seen, None) == 1.0  # unknown context: changed
-    assert changed_share([], sketch) == 1.0 and changed_share([], context_sketch([])) == 0.0
+    assert changed_grams(seen, sketch) == 0
+    assert changed_grams(list(range(500, 560)), sketch) == 57  # every 4-gram new
+    assert changed_grams(list(range(500, 530)) + seen, sketch) == 30  # 27 inside the new text, 3 across
+    assert changed_grams(seen, None) == 57  # unknown context: all changed
+    assert changed_grams([], sketch) == 0 and changed_grams([1, 2], sketch) == 0

@@ -145,7 +145,7 @@ def test_detection_runs_only_where_the_context_ahead_of_a_span_changed(tiny):
     out = tiny.complete(first, max_new_tokens=24).token_ids
     last = tiny.executor.num_layers - 1
     settings = {"start_layer": 0, "det_layer": 1, "end_layer": last, "min_span_tokens": 1, "prefix": 2,
-                "suffix": 0, "tau_dev": 0.0, "max_span_deviation": 2.0, "detect_changed": 0.5}
+                "suffix": 0, "tau_dev": 0.0, "max_span_deviation": 2.0, "detect_changed": 20}
     for before, detected in ((first, False), (_ids(30, 51), True)):
         tiny.prefix_cache.clear()
         stats = tiny.complete(before + out + _ids(5, 52), max_new_tokens=1, schedule="relay",

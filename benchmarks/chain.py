@@ -36,7 +36,7 @@ SCHEDULES = {  # label -> (schedule, per-call settings)
     "cacheblend": ("cacheblend", None),
     "epic": ("epic", None),
     "relay": ("relay", None),  # the shipped profile: edges alone where the context ahead barely changed
-    "relay (detect all)": ("relay", {"detect_changed": 0.0}),  # the detection on every span
+    "relay (detect all)": ("relay", {"detect_changed": 0}),  # the detection on every span
     "relay (edges only)": ("relay", {"detect": False}),  # no detection pass: the piece edges at every layer
 }
 STEPS = 20

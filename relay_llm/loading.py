@@ -156,12 +156,16 @@ def load(model: str = "default", dtype: str = "auto", device: str = "auto", kern
 def fast_dtype(dev: torch.device | None = None) -> str:
     """The fastest precision measured to stay within 0.01 nats of fp32 (docs/benchmarks.md, "Decode").
 
-    CUDA: bfloat16. A CPU that multiplies bf16 natively (AMX / AVX512-BF16): bfloat16, on oneDNN's
-    kernels. Any other CPU: int8 weights (on relay-llm's GEMV: the default model's weights are int8 grids
-    already, so there it is lossless and as fast as "auto").
+    CUDA: bfloat16. A CPU where relay-llm's GEMV builds: int8 weights on it (one byte per weight read per
+    token; the default model's weights are int8 grids already, so there it is lossless). It beats oneDNN's
+    bf16 (two bytes per weight) even where the CPU multiplies bf16 natively: 25-30 against 53-55 ms/token
+    on a Xeon with AVX512-BF16 and no AMX. Else bfloat16 where the CPU multiplies it natively (AMX /
+    AVX512-BF16), and torch's weight-only int8 elsewhere.
     """
     if dev is not None and dev.type == "cuda":
         return "bfloat16"
+    if not kernel_lib.native.unavailable():
+        return "int8"
     return "bfloat16" if kernel_lib.native_bf16() else "int8"
 
 

@@ -291,6 +291,13 @@ def test_missing_kernel_falls_back_to_plain_and_says_why(tiny_dirs, monkeypatch)
 
 
 def test_fast_dtype_follows_the_cpu(monkeypatch):
+    """relay-llm's GEMV (int8 weights) where it builds, whatever the CPU's bf16; without it, bf16 where the CPU
+    multiplies it natively, else torch's int8."""
+    monkeypatch.setattr(kernels.native, "unavailable", lambda: "")
+    for flags in ({"avx2", "fma", "amx_bf16"}, {"avx2", "fma"}):
+        monkeypatch.setattr(kernels, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert loading.fast_dtype() == "int8"
+    monkeypatch.setattr(kernels.native, "unavailable", lambda: "no compiler")
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     assert loading.fast_dtype() == "bfloat16"
     monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2"}))

@@ -2,7 +2,8 @@
 
 Upstream outputs are really generated (greedy, short), then pasted into new prompts the way agent
 frameworks do. Under schedule="naive" every found span token is reused, so the asserts are on the spans
-found (`span_kinds`) and on `reused_tokens` = prefix-hit + span tokens. The partial-quote case lives in
+found (`span_kinds`) and on `reused_tokens` = prefix-hit + span tokens; the default schedule (relay) must
+still reuse at least 75 % of them (issue 14's drop-in target). The partial-quote case lives in
 tests/test_matching.py (test_real_model_partial_quote_of_a_code_block_is_reused).
 """
 
@@ -45,6 +46,9 @@ def measure(e, msgs):
     assert_spans_belong(ids, plan)  # every reused position holds K/V of a token with that very id
     stats = e.chat(msgs, max_new_tokens=1, schedule="naive").stats
     assert stats.reused_tokens == stats.prefix_hit_tokens + stats.span_tokens
+    e.prefix_cache.clear()
+    default = e.chat(msgs, max_new_tokens=1).stats  # relay, the shipped profile: repairs, still reuses most
+    assert default.schedule == "relay" and default.reused_tokens >= 0.75 * stats.reused_tokens, (default, stats)
     return stats, plan
 
 

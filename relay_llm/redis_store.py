@@ -348,7 +348,7 @@ class RedisSegmentStore(SegmentStore):
     def _fill(self, sid: int, full: Segment) -> bool:
         """Give index entry `sid` the K/V of `full` (same tokens), making room. False if it cannot fit."""
         stub = self._segments[sid]
-        seg = dataclasses.replace(stub, keys=full.keys, values=full.values, hidden=full.hidden,
+        seg = dataclasses.replace(stub, keys=full.keys, values=full.values, hidden=full.hidden, context=full.context,
                                   start_pos=full.start_pos, hidden_layer=full.hidden_layer)
         extra = seg.charged_bytes - stub.charged_bytes
         pinned = sid in self._pinned

@@ -1,9 +1,9 @@
 """A `Segment` as bytes: safetensors tensors plus a header, for persisted files and shared (Redis) stores.
 
 `segment_bytes` / `segment_from_bytes` are the safetensors codec both use: tensors token_ids, keys, values
-(and hidden, if captured); the safetensors JSON header's metadata holds the segment's fingerprint, kind,
-start position and capture layer. `pack` / `unpack` make one self-checking blob of it, the value of one key
-in a shared store:
+(and hidden, if captured; context, the sketch of what preceded it, as int64 bit patterns); the safetensors
+JSON header's metadata holds the segment's fingerprint, kind, start position and capture layer. `pack` /
+`unpack` make one self-checking blob of it, the value of one key in a shared store:
 
     b"RLS" + FORMAT_VERSION (1 byte) + CRC-32 of the rest (4 bytes, little-endian) + safetensors bytes
 
@@ -18,6 +18,7 @@ import json
 import struct
 import zlib
 
+import numpy as np
 import torch
 from safetensors.torch import load, save
 
@@ -36,7 +37,10 @@ def segment_bytes(seg: Segment, **extra: str) -> bytes:
     """safetensors bytes of `seg`'s tensors; metadata: fingerprint, kind, start_pos, hidden_layer, `extra`."""
     meta = {"fingerprint": seg.fingerprint, "kind": seg.kind, "start_pos": str(seg.start_pos),
             "hidden_layer": str(seg.hidden_layer), **extra}
-    return save({name: t.detach().contiguous().cpu() for name, t in seg.tensors().items()}, metadata=meta)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in seg.tensors().items()}
+    if seg.context is not None:
+        tensors["context"] = torch.from_numpy(np.ascontiguousarray(seg.context).view(np.int64).copy())
+    return save(tensors, metadata=meta)
 
 
 def segment_from_bytes(body: bytes | bytearray | memoryview) -> tuple[Segment, dict[str, str]]:
@@ -50,6 +54,8 @@ def segment_from_bytes(body: bytes | bytearray | memoryview) -> tuple[Segment, d
         seg = Segment(token_ids=ids.to(torch.long), keys=keys, values=values, start_pos=int(meta["start_pos"]),
                       fingerprint=meta["fingerprint"], kind=meta["kind"], hidden=tensors.get("hidden"),
                       hidden_layer=int(meta["hidden_layer"]))
+        if (context := tensors.get("context")) is not None:
+            seg.context = context.numpy().view(np.uint64)
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"unreadable segment ({type(exc).__name__}: {exc})") from exc
     n = len(seg)

@@ -122,3 +122,18 @@ def test_announcement_whose_ids_do_not_match_its_key_is_ignored():
     (_, fields), = client.xrange(a.stream_key)
     b._announced({**fields, b"ids": fields[b"ids"][:-4]})
     assert len(b) == 0
+
+
+def test_context_sketch_round_trip():
+    """The sketch of what preceded a segment travels with it (uint64 hashes through int64 bit patterns), so a
+    replica decides relay's detection as the writer would; a segment without one comes back without one."""
+    import numpy as np
+
+    from relay_llm.matcher import context_sketch
+
+    seg = make_segment(FP)
+    seg.context = context_sketch(list(range(100, 200)))
+    assert (seg.context > np.uint64(1 << 63)).any()  # high bits set: the int64 view must not lose them
+    back = wire.unpack(wire.pack(seg), FP)
+    assert back.context.dtype == np.uint64 and np.array_equal(back.context, seg.context)
+    assert wire.unpack(wire.pack(make_segment(FP)), FP).context is None

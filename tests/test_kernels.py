@@ -343,3 +343,27 @@ def test_real_model_fast_paths_equal_plain(default_engine):
     finally:
         packed.close()
         plain.close()
+
+
+def test_sparse_row_products_on_packed_weights_equal_f_linear():
+    """GemvLinear's packed path (a sparse prefill's 9-128 active rows) equals F.linear on the same weight to
+    fp32 rounding; beyond PACKED_ROWS and at decode's rows it takes its other paths, unchanged."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    lin = torch.nn.Linear(640, 1536)
+    fast = kernels.GemvLinear(lin)
+    fast.packed = torch.ops.mkldnn._reorder_linear_weight(fast.weight, None)
+    with torch.inference_mode():
+        for rows in (9, 48, 128, 129, 300):
+            x = torch.randn(1, rows, 640)
+            ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+            got = fast(x)
+            assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-4
+        calls = []
+        real = torch.ops.mkldnn._linear_pointwise
+        try:
+            torch.ops.mkldnn._linear_pointwise = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+            fast(torch.randn(48, 640)), fast(torch.randn(200, 640))
+        finally:
+            torch.ops.mkldnn._linear_pointwise = real
+        assert calls == [48]

@@ -8,9 +8,10 @@ are computed at every layer by every schedule.
 full        every token at every layer (nothing reused)
 prefix      the exact-prefix hit is not computed; spans are computed (lossless)
 naive       prefix hit and spans are not computed (rotate + splice, no repair)
-relay       RelayCaching: span tokens enter at start_layer (stored upstream hidden states), are all
-            recomputed through det_layer, then only the selected ones through end_layer (the paper's
-            mode, `detect`); without detection, only the edge tokens through the band
+relay       RelayCaching: span tokens enter at start_layer (stored upstream hidden states); a span whose
+            context ahead changed (`detect_changed`) is recomputed up to det_layer, detected there from
+            k/v-projections alone, then only its selected tokens run through end_layer (the paper's mode,
+            `detect`); the other spans (all of them without detection): only their edge tokens, through the band
 cacheblend  span tokens through layers 0..check_layer, then the top `ratio` by K/V deviation
 epic        the first k tokens of each span at every layer
 """

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -220,44 +221,84 @@ class LlamaCpp:
         return peer_chain(self.engine, generate)
 
 
-MATMUL_OPS = {"relay_llm::gemv_f32", "relay_llm::gemv_grid",
-              "aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::bmm"}
-ATTENTION_OPS = {"relay_llm::attend_one",
-                 "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
+def _median_ms(fn, repeats: int = 7) -> float:
+    """Median wall time of fn() in ms, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def _linears_in_decode_order(model) -> list[torch.nn.Module]:
+    """Every matmul module a decode step calls once (a fused q/k/v or gate/up once), layers then the LM head."""
+    from relay_llm.kernels import Int8Linear, PackedLinear, RowsOf
+
+    kinds = (torch.nn.Linear, GemvLinear, PackedLinear, Int8Linear)
+    mods = [m.fused if isinstance(m, RowsOf) else m for m in model.model.layers.modules()]
+    return list(dict.fromkeys(m for m in mods if isinstance(m, kinds))) + [model.lm_head]
 
 
 def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:
     """Per decode step, in ms: wall time, time in matmuls, in attention, and everything else.
 
-    Runs the engine's own generation path (the scheduler's decode steps, sampling, detokenisation, stop
-    checks, K/V capture included): once for 1 token and once for n, each timed bare and again under torch's
-    profiler, entered on the model thread; the difference is n - 1 decode steps. Matmul and attention times
-    are the profiler's self times of those kernels; "other" is the bare wall time minus both (the profiler's
-    own per-op cost stays out of it).
+    wall: the engine's own generation path (the scheduler's decode steps, sampling, detokenisation, stop
+    checks, K/V capture included), n tokens against 1, per step. matmuls: every linear of the model called
+    once on one row in decode order (its weights come from DRAM, as in a step: they exceed the caches).
+    attention: one query per layer over the prompt's K/V, on the kernel a decode step uses (relay-llm's
+    native one-query attention for fp32 where it is built, else SDPA), under each layer's window. Each timed
+    directly on the engine's worker thread, where steps run, as medians of interleaved repeats; "other" is
+    the wall time minus both. (torch's profiler, used before, under-counted the GEMVs by up to 2x on a
+    Zen 3 VM: its self times excluded work the VM charged elsewhere.)
     """
-    from torch.profiler import profile
+    import torch.nn.functional as F
+
+    from relay_llm import native
+
+    ex = engine.executor
+    linears = _linears_in_decode_order(ex.model)
+    rows = [torch.randn(1, m.in_features, dtype=ex.dtype) for m in linears]
+    kv = ex.new_buffers(len(ids) + 1)
+    engine._worker.call(lambda: ex.run(torch.tensor(ids), 0, kv))
+    end = len(ids)
+    heads = ex.model.config.num_attention_heads
+    q = torch.randn(heads, ex.head_dim, dtype=ex.dtype)
+    ops = native.ops() if ex.dtype == torch.float32 else None
+
+    def matmuls() -> None:
+        with torch.inference_mode():
+            for m, x in zip(linears, rows, strict=True):
+                m(x)
+
+    def attention() -> None:
+        for i, w in enumerate(ex.windows):
+            lo = max(0, end - w) if w is not None else 0
+            k, v = kv.keys[i], kv.values[i]
+            if ops is not None:
+                ops.attend_one(q, k, v, lo, end, 1.0)
+            else:
+                F.scaled_dot_product_attention(q[None, :, None], k[None, :, lo:end], v[None, :, lo:end],
+                                               enable_gqa=True)
 
     def gen(tokens: int) -> None:
         engine.complete(ids, max_new_tokens=tokens, schedule="full")
 
     gen(4)  # warm-up
-    walls, ops = {}, {}
-    for tokens in (1, n):
-        t = time.perf_counter()
-        gen(tokens)
-        walls[tokens] = time.perf_counter() - t
-        prof = profile()
-        engine._worker.call(prof.__enter__)  # the profiler records the thread it is entered on
-        gen(tokens)
-        engine._worker.call(lambda p=prof: p.__exit__(None, None, None))
-        ops[tokens] = {k: sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 1e3
-                       for k, names in (("matmul", MATMUL_OPS), ("attention", ATTENTION_OPS))}
-    steps = n - 1
-    wall = 1000 * (walls[n] - walls[1]) / steps
-    matmul = (ops[n]["matmul"] - ops[1]["matmul"]) / steps
-    attention = (ops[n]["attention"] - ops[1]["attention"]) / steps
-    other = wall - matmul - attention
-    return {"step_ms": wall, "matmul_ms": matmul, "attention_ms": attention, "other_ms": other,
+    walls: dict[int, list[float]] = {1: [], n: []}
+    parts: dict[str, list[float]] = {"matmul": [], "attention": []}
+    for _ in range(3):
+        for tokens in (1, n):
+            t = time.perf_counter()
+            gen(tokens)
+            walls[tokens].append(time.perf_counter() - t)
+        parts["matmul"].append(engine._worker.call(lambda: _median_ms(matmuls)))
+        parts["attention"].append(engine._worker.call(lambda: _median_ms(attention)))
+    wall = 1000 * (statistics.median(walls[n]) - statistics.median(walls[1])) / (n - 1)
+    matmul, attn = statistics.median(parts["matmul"]), statistics.median(parts["attention"])
+    other = wall - matmul - attn
+    return {"prompt": len(ids), "step_ms": wall, "matmul_ms": matmul, "attention_ms": attn, "other_ms": other,
             "other_share": other / wall}
 
 
@@ -372,7 +413,7 @@ def one_system(only: str, sizes: list[int], n: int, chain_tokens: int) -> dict:
         ttft, ms, tokens = system.decode(ids, n)
         out["decode"].append({"prompt": len(ids), "ttft_s": ttft, "ms_per_token": ms, "tokens": tokens})
     if isinstance(system, RelaySystem):
-        out["breakdown"] = step_breakdown(engine, prompt_ids(engine, 200), n)
+        out["breakdown"] = step_breakdown(engine, prompt_ids(engine, sizes[0]), n)
     if chain_tokens:
         out["chain"] = system.chain(chain_tokens)
     if isinstance(system, RelaySystem):

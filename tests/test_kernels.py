@@ -195,9 +195,11 @@ def test_native_rope_and_one_query_attention_equal_torch():
     cos, sin = torch.randn(1, 5, 64, generator=gen), torch.randn(1, 5, 64, generator=gen)
     want = _rotate(x.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1)).transpose(1, 2)
     assert (ops.rope(x, cos, sin) - want).abs().max().item() < 1e-5
-    for heads, kv_heads, d, lo, end in ((4, 1, 256, 0, 37), (8, 2, 60, 5, 9), (2, 2, 16, 0, 1)):
+    # the last two: slots split across threads and merged (>= 128 slots), query heads in blocks of 4 plus the rest
+    for heads, kv_heads, d, lo, end in ((4, 1, 256, 0, 37), (8, 2, 60, 5, 9), (2, 2, 16, 0, 1), (4, 1, 256, 3, 290),
+                                        (12, 2, 24, 7, 301)):
         q = torch.randn(heads, d, generator=gen)
-        k, v = torch.randn(kv_heads, 40, d, generator=gen), torch.randn(kv_heads, 40, d, generator=gen)
+        k, v = torch.randn(kv_heads, 310, d, generator=gen), torch.randn(kv_heads, 310, d, generator=gen)
         want = F.scaled_dot_product_attention(q[None, :, None], k[None, :, lo:end], v[None, :, lo:end], scale=0.3,
                                               enable_gqa=True)[0, :, 0]
         assert (ops.attend_one(q, k, v, lo, end, 0.3) - want).abs().max().item() < 1e-5

@@ -247,36 +247,127 @@ inline void rope_heads(const float* x, const float* c, const float* s, float* y,
   }
 }
 
+// Scores of NH query heads q [NH, d] against n key rows k [n, d]: p[h * n + j] = scale * q[h] . k[j]. Two key
+// rows at a time for all NH heads: 2 NH independent accumulator chains hide the FMA latency, and each key row
+// is read once.
+template <int NH>
+inline void score_rows(const float* q, const float* k, float* p, int64_t n, int64_t d, float scale) {
+  const int64_t d8 = d / 8 * 8;
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const float *k0 = k + j * d, *k1 = k0 + d;
+    __m256 a0[NH], a1[NH];
+    for (int h = 0; h < NH; ++h) a0[h] = a1[h] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d8; i += 8) {
+      const __m256 x0 = _mm256_loadu_ps(k0 + i), x1 = _mm256_loadu_ps(k1 + i);
+      for (int h = 0; h < NH; ++h) {
+        const __m256 qv = _mm256_loadu_ps(q + h * d + i);
+        a0[h] = _mm256_fmadd_ps(qv, x0, a0[h]);
+        a1[h] = _mm256_fmadd_ps(qv, x1, a1[h]);
+      }
+    }
+    for (int h = 0; h < NH; ++h) {
+      float s0 = hsum(a0[h]), s1 = hsum(a1[h]);
+      for (int64_t t = d8; t < d; ++t) s0 += q[h * d + t] * k0[t], s1 += q[h * d + t] * k1[t];
+      p[h * n + j] = s0 * scale;
+      p[h * n + j + 1] = s1 * scale;
+    }
+  }
+  for (; j < n; ++j)
+    for (int h = 0; h < NH; ++h) p[h * n + j] = dot(q + h * d, k + j * d, d) * scale;
+}
+
+// out[h * d + i] = sum_j p[h * n + j] v[j, i] for NH heads over n value rows v [n, d]. Rows go in blocks of 16
+// (16 KB at d = 256: they stay in L1 across the column passes), 16 columns at a time per pass.
+template <int NH>
+inline void weigh_values(const float* p, const float* v, float* out, int64_t n, int64_t d) {
+  constexpr int64_t kRows = 16;
+  std::fill(out, out + NH * d, 0.0f);
+  for (int64_t j0 = 0; j0 < n; j0 += kRows) {
+    const int64_t j1 = std::min(n, j0 + kRows);
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+      __m256 a0[NH], a1[NH];
+      for (int h = 0; h < NH; ++h) a0[h] = _mm256_loadu_ps(out + h * d + i), a1[h] = _mm256_loadu_ps(out + h * d + i + 8);
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256 v0 = _mm256_loadu_ps(v + j * d + i), v1 = _mm256_loadu_ps(v + j * d + i + 8);
+        for (int h = 0; h < NH; ++h) {
+          const __m256 w = _mm256_broadcast_ss(p + h * n + j);
+          a0[h] = _mm256_fmadd_ps(w, v0, a0[h]);
+          a1[h] = _mm256_fmadd_ps(w, v1, a1[h]);
+        }
+      }
+      for (int h = 0; h < NH; ++h) _mm256_storeu_ps(out + h * d + i, a0[h]), _mm256_storeu_ps(out + h * d + i + 8, a1[h]);
+    }
+    for (; i < d; ++i)
+      for (int h = 0; h < NH; ++h)
+        for (int64_t j = j0; j < j1; ++j) out[h * d + i] += p[h * n + j] * v[j * d + i];
+  }
+}
+
+template <int NH>
+inline void attend_slice(const float* q, const float* k, const float* v, float* p, float* out, float* mx, float* sum,
+                         int64_t n, int64_t d, float scale) {
+  score_rows<NH>(q, k, p, n, d, scale);
+  for (int h = 0; h < NH; ++h) {
+    mx[h] = *std::max_element(p + h * n, p + (h + 1) * n);
+    sum[h] = exp_shifted(p + h * n, mx[h], p + h * n, n);
+  }
+  weigh_values<NH>(p, v, out, n, d);
+}
+
 // Softmax attention of one query per head over slots [lo, end): q [H, d], k and v [kvh, cap, d] (head h reads
-// kv head h / (H / kvh)), y [H, d]. Scores in fp32, max-subtracted; heads split across threads.
+// kv head h / (H / kvh)), y [H, d]. Scores in fp32, max-subtracted. The work is split into (kv head, slice of
+// slots) items across threads, so that a single kv head (GQA) still uses every thread: each item scores its
+// slots for the kv head's query heads together (each key and value row read once, up to 4 heads at a time)
+// and keeps its own max, sum and unnormalised output; the slices are merged at the end (flash-decoding's
+// split softmax).
 inline void attend(const float* q, const float* k, const float* v, float* y, int64_t H, int64_t kvh, int64_t cap,
                    int64_t d, int64_t lo, int64_t end, float scale) {
   const int64_t L = end - lo, group = H / kvh;
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<float> p(L);
-    for (int64_t h = begin; h < stop; ++h) {
-      const float* qh = q + h * d;
-      const float* kh = k + ((h / group) * cap + lo) * d;
-      const float* vh = v + ((h / group) * cap + lo) * d;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) {
-        p[j] = dot(qh, kh + j * d, d) * scale;
-        mx = std::max(mx, p[j]);
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>((threads + kvh - 1) / kvh, L / 64));
+  const int64_t per = (L + slices - 1) / slices;
+  std::vector<float> outs(kvh * slices * group * d), maxes(kvh * slices * group, -INFINITY),
+      sums(kvh * slices * group, 0.0f);
+  at::parallel_for(0, kvh * slices, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<float> p;
+    for (int64_t item = begin; item < stop; ++item) {
+      const int64_t g = item / slices, j0 = (item % slices) * per, n = std::min(L, j0 + per) - j0;
+      if (n <= 0) continue;
+      p.resize(4 * n);
+      const float* kg = k + (g * cap + lo + j0) * d;
+      const float* vg = v + (g * cap + lo + j0) * d;
+      for (int64_t h0 = 0; h0 < group; h0 += 4) {
+        const float* qh = q + (g * group + h0) * d;
+        const int64_t at = item * group + h0;
+        float *out = outs.data() + at * d, *mx = maxes.data() + at, *sm = sums.data() + at;
+        switch (std::min<int64_t>(4, group - h0)) {
+          case 4: attend_slice<4>(qh, kg, vg, p.data(), out, mx, sm, n, d, scale); break;
+          case 3: attend_slice<3>(qh, kg, vg, p.data(), out, mx, sm, n, d, scale); break;
+          case 2: attend_slice<2>(qh, kg, vg, p.data(), out, mx, sm, n, d, scale); break;
+          default: attend_slice<1>(qh, kg, vg, p.data(), out, mx, sm, n, d, scale);
+        }
       }
-      const float sum = exp_shifted(p.data(), mx, p.data(), L);
-      float* out = y + h * d;
-      std::fill(out, out + d, 0.0f);
-      for (int64_t j = 0; j < L; ++j) {
-        const float* vr = vh + j * d;
-        __m256 w = _mm256_set1_ps(p[j]);
-        int64_t i = 0;
-        for (; i + 8 <= d; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(out + i)));
-        for (; i < d; ++i) out[i] += p[j] * vr[i];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t i = 0; i < d; ++i) out[i] *= inv;
     }
   });
+  for (int64_t g = 0; g < kvh; ++g)
+    for (int64_t h = 0; h < group; ++h) {
+      float m = -INFINITY, total = 0.0f;
+      for (int64_t s = 0; s < slices; ++s) m = std::max(m, maxes[(g * slices + s) * group + h]);
+      float* out = y + (g * group + h) * d;
+      std::fill(out, out + d, 0.0f);
+      for (int64_t s = 0; s < slices; ++s) {
+        const int64_t at = (g * slices + s) * group + h;
+        if (sums[at] == 0.0f) continue;  // an empty slice
+        const float w = std::exp(maxes[at] - m);
+        total += w * sums[at];
+        const float* part = outs.data() + at * d;
+        for (int64_t i = 0; i < d; ++i) out[i] += w * part[i];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t i = 0; i < d; ++i) out[i] *= inv;
+    }
 }
 
 }  // namespace relay_llm

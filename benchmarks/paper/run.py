@@ -134,7 +134,7 @@ def bf16_pass(preset: Preset, records: Records, chains: list[dict], progress: Pr
     OUT/raw/<preset>/bf16/ ("notes", "context")."""
     from relay_llm import EngineConfig, RelayEngine
 
-    bf = Records(records.root / "bf16", {"preset": preset.signature(), "dtype": "bfloat16"})
+    bf = Records(records.root / "bf16", {**records.signature, "dtype": "bfloat16"})
     units = [("notes", it["id"], lambda e, it=it: notes_item(e, it, preset, METHODS)) for it in chains]
     units += [("context", f"ctx{c:05d}", lambda e, c=c: context_point(e, c, preset)) for c in preset.bf16_contexts]
     engine = None
@@ -171,6 +171,19 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "changed": [line[3:] for line in status if line]}
 
 
+def profiles_signature() -> str:
+    """A hash of the shipped relay profiles: records measured under another profile are stale, not resumed."""
+    import hashlib
+
+    import relay_llm
+
+    folder = Path(relay_llm.__file__).parent / "data" / "profiles"
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.json")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
     """Measure everything `preset` asks for into OUT/raw, then write the page (`page.write`)."""
     from relay_llm import EngineConfig, RelayEngine
@@ -180,7 +193,8 @@ def run(preset: Preset, out: Path, log=sys.stderr) -> dict:
 
     t0 = time.perf_counter()
     out = Path(out)
-    records = Records(out / "raw" / preset.name, {"preset": preset.signature(), "dtype": "float32"})
+    records = Records(out / "raw" / preset.name, {"preset": preset.signature(), "profiles": profiles_signature(),
+                                                  "dtype": "float32"})
     loaded: dict = {}
 
     def engine():

@@ -189,14 +189,20 @@ class LeanLayer:
 
     def _native_rows(self, x: torch.Tensor, position_embeddings, caches: list) -> torch.Tensor:
         """`rows` as one native call (`csrc/layer.cpp`): x [1, B, hidden] fp32, each cache's last slot the row's."""
-        norms, linears, eps, act = self.native_args
         cos, sin = (t[0].contiguous() for t in position_embeddings)
         keys = [c.kv.keys[self.idx] for c in caches]
         values = [c.kv.values[self.idx] for c in caches]
-        out = self.ops.decode_layer(x[0].contiguous(), norms, linears, cos, sin, keys, values,
-                                    [c.length - 1 for c in caches], [c.lo for c in caches], self.heads,
-                                    self.kv_heads, eps, self.scaling, act)
-        return out[None]
+        return self.native_rows(x[0].contiguous(), cos, sin, keys, values, [c.length - 1 for c in caches],
+                                [c.lo for c in caches])[None]
+
+    def native_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: list, values: list,
+                    pos: list[int], lo: list[int]) -> torch.Tensor:
+        """The native decode layer on B rows: x [B, hidden] fp32 contiguous, cos and sin [B, d]; row b writes
+        slot pos[b] of keys[b] and values[b] ([kv_heads, capacity, d], this layer's) and attends over slots
+        [lo[b], pos[b]] -> [B, hidden]."""
+        norms, linears, eps, act = self.native_args
+        return self.ops.decode_layer(x, norms, linears, cos, sin, keys, values, pos, lo, self.heads, self.kv_heads,
+                                     eps, self.scaling, act)
 
     def rows(self, x: torch.Tensor, position_embeddings, caches: list) -> torch.Tensor:
         """One decode token per sequence: x [1, B, hidden], row b at its own position, attending over its own

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from .decoder import lean_layers
+from .kernels import GemvLinear
 from .rope import RopeSpec, layer_specs, rotate
 
 
@@ -302,8 +303,10 @@ class Executor:
         """One decode step of B sequences: token b ([B]) goes to slot kvs[b].length of its own buffers.
 
         The rows share every linear and the LM head (weights read once for the batch); attention runs per
-        sequence over its own slots, at its own position and under each layer's sliding window. One row
-        takes `run`'s path, so a sequence alone computes exactly what `run` does. Without lean layers the
+        sequence over its own slots, at its own position and under each layer's sliding window. Where every
+        layer runs on the fused native decode layer, up to GEMV_ROWS rows take `_native_step` (the op `run`
+        calls per layer, on the same arguments); elsewhere one row takes `run`'s path. Either way a sequence
+        alone computes exactly what `run` does. Without lean layers the
         rows run one by one. logit_rows: rows whose logits to return (default: all). Returns logits
         [len(logit_rows), vocab] fp32 and captured [B, hidden].
         """
@@ -313,6 +316,8 @@ class Executor:
         for kv, p in zip(kvs, positions, strict=True):
             if p + 1 > kv.capacity:
                 raise ValueError(f"sequence of {p + 1} tokens exceeds the buffer capacity {kv.capacity}")
+        if b <= GemvLinear.GEMV_ROWS and self.lean is not None and all(m.native_args for m in self.lean):
+            return self._native_step(tokens, kvs, positions, rows, capture_layer)
         if b == 1 or self.lean is None:
             want = set(rows.tolist())
             results = [self.run(tokens[i : i + 1], positions[i], kv, capture_layer=capture_layer,
@@ -336,6 +341,30 @@ class Executor:
         for kv, p in zip(kvs, positions, strict=True):
             kv.length = max(kv.length, p + 1)
         logits = self.logits(x[0][rows]) if rows.numel() else None
+        return RunResult(logits=logits, captured=captured,
+                         token_layers=torch.full((b,), self.num_layers, dtype=torch.long))
+
+    def _native_step(self, tokens: torch.Tensor, kvs: list[KVBuffers], positions: list[int], rows: torch.Tensor,
+                     capture_layer: int | None) -> RunResult:
+        """`step` with every layer one native call (`decoder.LeanLayer.native_rows`, what `run` calls per layer
+        too, on the same arguments), and the per-layer Python hoisted out of the loop: one rope table per layer
+        type and step. Row b: token b at slot positions[b] of kvs[b]."""
+        b = tokens.shape[0]
+        x = self.base.embed_tokens(tokens[None].to(self.device))
+        tables = {kind: tuple(t[0].contiguous() for t in pair)
+                  for kind, pair in self._rope_tables(x, torch.tensor(positions, device=self.device)).items()}
+        x, captured = x[0].contiguous(), None
+        ends = [p + 1 for p in positions]
+        for i, layer in enumerate(self.lean):
+            if capture_layer == i:
+                captured = x.clone()
+            w = self.windows[i]
+            lo = [max(0, e - w) for e in ends] if w is not None else [0] * b
+            cos, sin = tables[self.layer_types[i]]
+            x = layer.native_rows(x, cos, sin, [kv.keys[i] for kv in kvs], [kv.values[i] for kv in kvs], positions, lo)
+        for kv, e in zip(kvs, ends, strict=True):
+            kv.length = max(kv.length, e)
+        logits = self.logits(x[rows]) if rows.numel() else None
         return RunResult(logits=logits, captured=captured,
                          token_layers=torch.full((b,), self.num_layers, dtype=torch.long))
 

@@ -105,8 +105,8 @@ def test_native_decode_layer_equals_the_python_layer(engines, family, monkeypatc
         for layer, args in zip(ex.lean, saved, strict=True):
             layer.native_args = args
     calls = []
-    native_rows = LeanLayer._native_rows
-    monkeypatch.setattr(LeanLayer, "_native_rows", lambda self, *a: calls.append(len(a[2])) or native_rows(self, *a))
+    native_rows = LeanLayer.native_rows
+    monkeypatch.setattr(LeanLayer, "native_rows", lambda self, *a: calls.append(a[0].shape[0]) or native_rows(self, *a))
     got, got_kvs = _decode_steps(ex, prompts, 3)
     assert calls == ([1] * len(ex.lean) + [3] * len(ex.lean)) * 3  # one call per layer and step, rows per call
     for a, b in zip(got, want, strict=True):

@@ -224,12 +224,7 @@ class LlamaCpp:
 def _median_ms(fn, repeats: int = 7) -> float:
     """Median wall time of fn() in ms, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t))
-    return statistics.median(times)
+    return 1000 * statistics.median(_timed(fn) for _ in range(repeats))
 
 
 def _linears_in_decode_order(model) -> list[torch.nn.Module]:
@@ -290,9 +285,7 @@ def step_breakdown(engine: RelayEngine, ids: list[int], n: int) -> dict:
     parts: dict[str, list[float]] = {"matmul": [], "attention": []}
     for _ in range(3):
         for tokens in (1, n):
-            t = time.perf_counter()
-            gen(tokens)
-            walls[tokens].append(time.perf_counter() - t)
+            walls[tokens].append(_timed(lambda tokens=tokens: gen(tokens)))
         parts["matmul"].append(engine._worker.call(lambda: _median_ms(matmuls)))
         parts["attention"].append(engine._worker.call(lambda: _median_ms(attention)))
     wall = 1000 * (statistics.median(walls[n]) - statistics.median(walls[1])) / (n - 1)

@@ -304,10 +304,10 @@ class Executor:
 
         The rows share every linear and the LM head (weights read once for the batch); attention runs per
         sequence over its own slots, at its own position and under each layer's sliding window. Where every
-        layer runs on the fused native decode layer, up to GEMV_ROWS rows take `_native_step` (the op `run`
-        calls per layer, on the same arguments); elsewhere one row takes `run`'s path. Either way a sequence
-        alone computes exactly what `run` does. Without lean layers the
-        rows run one by one. logit_rows: rows whose logits to return (default: all). Returns logits
+        layer runs on the fused native decode layer, up to GEMV_ROWS rows (one included) call it per layer
+        (`LeanLayer.native_rows`, what `run` calls too, on the same arguments); elsewhere one row takes `run`'s
+        path. Either way a sequence alone computes exactly what `run` does. Without lean layers the rows run
+        one by one. logit_rows: rows whose logits to return (default: all). Returns logits
         [len(logit_rows), vocab] fp32 and captured [B, hidden].
         """
         b = tokens.shape[0]
@@ -316,9 +316,8 @@ class Executor:
         for kv, p in zip(kvs, positions, strict=True):
             if p + 1 > kv.capacity:
                 raise ValueError(f"sequence of {p + 1} tokens exceeds the buffer capacity {kv.capacity}")
-        if b <= GemvLinear.GEMV_ROWS and self.lean is not None and all(m.native_args for m in self.lean):
-            return self._native_step(tokens, kvs, positions, rows, capture_layer)
-        if b == 1 or self.lean is None:
+        native = b <= GemvLinear.GEMV_ROWS and self.lean is not None and all(m.native_args for m in self.lean)
+        if not native and (b == 1 or self.lean is None):
             want = set(rows.tolist())
             results = [self.run(tokens[i : i + 1], positions[i], kv, capture_layer=capture_layer,
                                 logit_rows=torch.zeros(int(i in want), dtype=torch.long)) for i, kv in enumerate(kvs)]
@@ -330,41 +329,25 @@ class Executor:
         pos = torch.tensor(positions, device=self.device)
         hidden = self.base.embed_tokens(tokens[None].to(self.device))
         rope_cache = self._rope_tables(hidden, pos)
+        if native:  # the native layer's [B, d] tables, made once per layer type and step
+            rope_cache = {kind: tuple(t[0].contiguous() for t in pair) for kind, pair in rope_cache.items()}
         x, captured = hidden, None
         for i, layer in enumerate(self.lean):
             if capture_layer == i:
                 captured = x[0].clone()
             w = self.windows[i]
-            caches = [_ScatterCache(kv, slice(p, p + 1), max(0, p + 1 - w) if w is not None else 0, p + 1)
-                      for kv, p in zip(kvs, positions, strict=True)]
-            x = layer.rows(x, rope_cache[self.layer_types[i]], caches)
+            los = [max(0, p + 1 - w) if w is not None else 0 for p in positions]
+            if native:  # what `run` calls per layer too, without its per-layer plumbing
+                cos, sin = rope_cache[self.layer_types[i]]
+                x = layer.native_rows(x[0], cos, sin, [kv.keys[i] for kv in kvs], [kv.values[i] for kv in kvs],
+                                      positions, los)[None]
+            else:
+                caches = [_ScatterCache(kv, slice(p, p + 1), lo, p + 1)
+                          for kv, p, lo in zip(kvs, positions, los, strict=True)]
+                x = layer.rows(x, rope_cache[self.layer_types[i]], caches)
         for kv, p in zip(kvs, positions, strict=True):
             kv.length = max(kv.length, p + 1)
         logits = self.logits(x[0][rows]) if rows.numel() else None
-        return RunResult(logits=logits, captured=captured,
-                         token_layers=torch.full((b,), self.num_layers, dtype=torch.long))
-
-    def _native_step(self, tokens: torch.Tensor, kvs: list[KVBuffers], positions: list[int], rows: torch.Tensor,
-                     capture_layer: int | None) -> RunResult:
-        """`step` with every layer one native call (`decoder.LeanLayer.native_rows`, what `run` calls per layer
-        too, on the same arguments), and the per-layer Python hoisted out of the loop: one rope table per layer
-        type and step. Row b: token b at slot positions[b] of kvs[b]."""
-        b = tokens.shape[0]
-        x = self.base.embed_tokens(tokens[None].to(self.device))
-        tables = {kind: tuple(t[0].contiguous() for t in pair)
-                  for kind, pair in self._rope_tables(x, torch.tensor(positions, device=self.device)).items()}
-        x, captured = x[0].contiguous(), None
-        ends = [p + 1 for p in positions]
-        for i, layer in enumerate(self.lean):
-            if capture_layer == i:
-                captured = x.clone()
-            w = self.windows[i]
-            lo = [max(0, e - w) for e in ends] if w is not None else [0] * b
-            cos, sin = tables[self.layer_types[i]]
-            x = layer.native_rows(x, cos, sin, [kv.keys[i] for kv in kvs], [kv.values[i] for kv in kvs], positions, lo)
-        for kv, e in zip(kvs, ends, strict=True):
-            kv.length = max(kv.length, e)
-        logits = self.logits(x[rows]) if rows.numel() else None
         return RunResult(logits=logits, captured=captured,
                          token_layers=torch.full((b,), self.num_layers, dtype=torch.long))
 
